@@ -22,7 +22,9 @@ from tvm.s_tir.schedule import SBlockRV
 from ._analysis import Contraction, analyze_contraction, const_extent, is_reduction, root_blocks
 
 MR = 4  # rows of A per micro tile
-NR_VECTORS = 3  # vector registers per accumulator row
+NR_VECTORS = 4  # vector registers per accumulator row (MR x NR_VECTORS accumulators)
+PANEL_TILES = 1  # micro tiles per packed B panel
+GEMV_ROWS = 4  # outputs per GEMV work item
 
 
 def find_contraction(sch: Schedule) -> tuple[SBlockRV, Contraction] | None:
@@ -69,13 +71,16 @@ def _epilogue_matches(sch: Schedule, epi: SBlockRV, mm: SBlockRV) -> bool:
 
 
 def _pick_tiles(n: int | None, lanes: int) -> tuple[int, int]:
-    """(NR, NB): micro-tile width and packed panel width for N columns."""
+    """(NR, NB): micro-tile width and packed panel width for N columns.
+
+    NR is a power-of-two number of vectors (odd vector counts such as 3 x 16
+    made LLVM emit 10x slower code) that divides N when possible."""
     nr = lanes * NR_VECTORS
-    if n is not None and n % nr != 0:
-        nr = lanes * 2 if n % (lanes * 2) == 0 else lanes
+    while n is not None and nr > lanes and n % nr != 0:
+        nr //= 2
     if n is not None and n <= nr:
         return n, n
-    nb = nr * 4
+    nb = nr * PANEL_TILES
     if n is not None and n % nb != 0:
         nb = nr
     return nr, nb
@@ -97,18 +102,17 @@ def schedule_gemm(sch: Schedule, lanes: int) -> None:
     par = sch.fuse(*loops[:-2], jo)
     sch.compute_at(mm, jm, preserve_unit_loops=True)
     _pack_b(sch, mm, info, par)
-    _micro_kernel(sch, mm)
-    _vectorize_tile(sch, ii, ji)
     sch.parallel(par)
+    _vectorize_tile(sch, ii, ji)
+    _micro_kernel(sch, mm)
 
 
 def _micro_kernel(sch: Schedule, mm: SBlockRV) -> None:
     """k outermost inside the tile, rows unrolled, columns vectorized."""
     mi, mj, mk = sch.get_loops(mm)[-3:]
     sch.reorder(mk, mi, mj)
-    init = sch.decompose_reduction(mm, mk)
-    _vectorize_tile(sch, *sch.get_loops(init)[-2:])
     _vectorize_tile(sch, mi, mj)
+    sch.decompose_reduction(mm, mk)
 
 
 def _vectorize_tile(sch: Schedule, rows, cols) -> None:
@@ -127,3 +131,39 @@ def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par) -> None:
         sch.transform_layout(bp, ("write", 0), lambda *idx: [idx[p] for p in perm])
     else:
         sch.vectorize(sch.get_loops(bp)[-1])
+
+
+def is_gemv(sch: Schedule) -> bool:
+    """A contraction whose output has a single row (M == 1, e.g. decoding)."""
+    found = find_contraction(sch)
+    if found is None:
+        return False
+    mm, info = found
+    if info.i is None:
+        return True
+    return const_extent(sch.get(mm).iter_vars[info.i].dom.extent) == 1
+
+
+def schedule_gemv(sch: Schedule, lanes: int) -> None:
+    """Stream B once: parallel over groups of GEMV_ROWS outputs; the k loop is
+    vectorized (rfactor into ``lanes`` partial sums) when k is B's contiguous
+    axis, otherwise the j axis is vectorized like a one-row GEMM."""
+    mm, info = find_contraction(sch)
+    if not info.b_k_contiguous:
+        schedule_gemm(sch, lanes)
+        return
+    epi = _inline_around(sch, mm)
+    ko, ki = sch.split(sch.get_loops(mm)[-1], [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=0)
+    sch.set_scope(rf, 0, "local")
+    spatial = sch.get_loops(mm)[:-1]
+    jo, ji = sch.split(sch.fuse(*spatial), [None, GEMV_ROWS])
+    sch.compute_at(rf, ji, preserve_unit_loops=False)
+    lane, k_outer = sch.get_loops(rf)[-2:]
+    sch.reorder(k_outer, lane)
+    if epi is not None:
+        sch.reverse_compute_at(epi, jo, preserve_unit_loops=True)
+    sch.parallel(jo)
+    sch.vectorize(sch.get_loops(rf)[-1])
+    sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
+

@@ -1,0 +1,50 @@
+"""Backend half of ``slimgraph compile``: lower, build, export the library, write the weights."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from slimgraph.backends.artifact import LIBRARY, WEIGHTS
+from slimgraph.backends.build import build_executable, export_library
+from slimgraph.backends.relax_lowering import lower_to_relax
+from slimgraph.backends.targets import TargetSpec, resolve_target
+from slimgraph.compiler.ir import Module
+from slimgraph.compiler.weights_io import write_safetensors
+
+
+@dataclass
+class BuildResult:
+    target: TargetSpec
+    entries: dict
+    timings: dict
+    num_functions: int
+    tvm_version: str
+
+
+def build_artifact_files(module: Module, directory: Path, options, *, on_event=lambda k, p: None) -> BuildResult:
+    """Write model.so and weights.safetensors for ``module`` into ``directory``."""
+    spec = resolve_target(options.target, options.mcpu)
+    timings = {}
+    t0 = time.perf_counter()
+    on_event("stage_start", {"stage": "lower", "detail": f"Relax for {spec.name}"})
+    lowered = lower_to_relax(module)
+    num_functions = len(lowered.ir_module.functions)
+    timings["lower"] = time.perf_counter() - t0
+    on_event("stage_end", {"stage": "lower"})
+    t0 = time.perf_counter()
+    on_event("stage_start", {"stage": "build", "detail": f"TVM {spec.kind} {spec.mcpu}"})
+    executable = build_executable(lowered, spec, schedule=options.schedule)
+    export_library(executable, str(directory / LIBRARY))
+    timings["build"] = time.perf_counter() - t0
+    on_event("stage_end", {"stage": "build"})
+    t0 = time.perf_counter()
+    used = sorted({w for sig in lowered.entries.values() for w in sig.weights})
+    write_safetensors({name: module.weights[name].array for name in used}, directory / WEIGHTS)
+    timings["write_weights"] = time.perf_counter() - t0
+    entries = {name: {"inputs": sig.inputs, "weights": sig.weights, "outputs": sig.outputs}
+               for name, sig in lowered.entries.items()}
+    return BuildResult(spec, entries, timings, num_functions, tvm.__version__)

@@ -1,0 +1,248 @@
+"""How each slimgraph op becomes Relax ops (registered into relax_lowering.LOWERINGS).
+
+Most ops map one-to-one. A few need care:
+  * cumsum over bool is computed in int32 and cast back (TVM's LLVM codegen rejects bool adds);
+  * layer_norm / rms_norm without affine parameters get constant ones / zeros;
+  * conv2d's bias is added as a broadcast [1, O, 1, 1] tensor; batch_norm is expanded to x*s + t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from slimgraph.backends.relax_lowering import TVM_DTYPES, const, lowering
+from slimgraph.compiler import ops
+from slimgraph.compiler.types import DType
+
+R = relax.op
+
+
+def _unary(fn):
+    return lambda ctx, args: fn(args[0])
+
+
+_UNARY = {
+    ops.NEG: R.negative, ops.ABS: R.abs, ops.EXP: R.exp, ops.LOG: R.log, ops.SQRT: R.sqrt, ops.RSQRT: R.rsqrt,
+    ops.TANH: R.tanh, ops.SIGMOID: R.sigmoid, ops.RELU: R.nn.relu, ops.SILU: R.nn.silu, ops.ERF: R.erf,
+    ops.SIN: R.sin, ops.COS: R.cos, ops.FLOOR: R.floor, ops.LOGICAL_NOT: R.logical_not,
+}
+for _op, _fn in _UNARY.items():
+    lowering(_op)(_unary(_fn))
+
+_BINARY = {
+    ops.ADD: R.add, ops.SUB: R.subtract, ops.MUL: R.multiply, ops.FLOOR_DIV: R.floor_divide, ops.MOD: R.floor_mod,
+    ops.POW: R.power, ops.MAXIMUM: R.maximum, ops.MINIMUM: R.minimum, ops.EQ: R.equal, ops.NE: R.not_equal,
+    ops.LT: R.less, ops.LE: R.less_equal, ops.GT: R.greater, ops.GE: R.greater_equal,
+    ops.LOGICAL_AND: R.logical_and, ops.LOGICAL_OR: R.logical_or, ops.MATMUL: R.matmul,
+}
+for _op, _fn in _BINARY.items():
+    lowering(_op)(lambda ctx, args, _fn=_fn: _fn(args[0], args[1]))
+
+
+@lowering(ops.DIV)
+def _div(ctx, args):
+    if ctx.in_types[0].dtype.is_float:
+        return R.divide(args[0], args[1])
+    # integer division truncates toward zero (C semantics, like torch's trunc mode)
+    return R.astype(R.trunc(R.divide(R.astype(args[0], "float64"), R.astype(args[1], "float64"))),
+                    TVM_DTYPES[ctx.node.type.dtype])
+
+
+@lowering(ops.RECIPROCAL)
+def _reciprocal(ctx, args):
+    return R.divide(const(1.0, ctx.node.type.dtype), args[0])
+
+
+@lowering(ops.GELU)
+def _gelu(ctx, args):
+    return R.nn.gelu_tanh(args[0]) if ctx.node.attr("approximate") == "tanh" else R.nn.gelu(args[0])
+
+
+@lowering(ops.CLIP)
+def _clip(ctx, args):
+    dtype = ctx.node.type.dtype
+    lo, hi = ctx.node.attr("min"), ctx.node.attr("max")
+    out = args[0]
+    if np.isfinite(lo):
+        out = R.maximum(out, const(lo, dtype))
+    if np.isfinite(hi):
+        out = R.minimum(out, const(hi, dtype))
+    return out
+
+
+@lowering(ops.CAST)
+def _cast(ctx, args):
+    return R.astype(args[0], TVM_DTYPES[ctx.node.attr("dtype")])
+
+
+@lowering(ops.WHERE)
+def _where(ctx, args):
+    return R.where(args[0], args[1], args[2])
+
+
+# ----------------------------------------------------------------------------- reductions
+def _axes(ctx):
+    axes = ctx.node.attr("axes")
+    return list(axes) if axes else None
+
+
+_REDUCE = {ops.SUM: R.sum, ops.MEAN: R.mean, ops.MAX: R.max, ops.MIN: R.min, ops.PROD: R.prod}
+for _op, _fn in _REDUCE.items():
+    lowering(_op)(lambda ctx, args, _fn=_fn: _fn(args[0], _axes(ctx), ctx.node.attr("keepdims")))
+
+
+@lowering(ops.ANY)
+def _any(ctx, args):
+    as_int = R.astype(args[0], "int32")
+    return R.astype(R.max(as_int, _axes(ctx), ctx.node.attr("keepdims")), "bool")
+
+
+@lowering(ops.ALL)
+def _all(ctx, args):
+    as_int = R.astype(args[0], "int32")
+    return R.astype(R.min(as_int, _axes(ctx), ctx.node.attr("keepdims")), "bool")
+
+
+@lowering(ops.ARGMAX)
+def _argmax(ctx, args):
+    return R.astype(R.argmax(args[0], ctx.node.attr("axis"), ctx.node.attr("keepdims")), "int64")
+
+
+@lowering(ops.CUMSUM)
+def _cumsum(ctx, args):
+    dtype = ctx.in_types[0].dtype
+    if dtype is DType.bool:
+        summed = R.cumsum(R.astype(args[0], "int32"), axis=ctx.node.attr("axis"), dtype="int32")
+        return R.astype(summed, "bool")
+    return R.cumsum(args[0], axis=ctx.node.attr("axis"), dtype=TVM_DTYPES[dtype])
+
+
+@lowering(ops.SOFTMAX)
+def _softmax(ctx, args):
+    fn = R.nn.log_softmax if ctx.node.attr("log") else R.nn.softmax
+    return fn(args[0], axis=ctx.node.attr("axis"))
+
+
+def _norm_param(ctx, args, index, shape, fill):
+    if len(args) > index:
+        return args[index]
+    return relax.const(np.full(shape, fill, dtype=ctx.node.type.dtype.numpy), TVM_DTYPES[ctx.node.type.dtype])
+
+
+@lowering(ops.LAYER_NORM)
+def _layer_norm(ctx, args):
+    x = ctx.in_types[0]
+    k = ctx.node.attr("num_axes")
+    shape = tuple(x.shape[x.rank - k:])
+    axes = list(range(x.rank - k, x.rank))
+    gamma = _norm_param(ctx, args, 1, shape, 1.0)
+    beta = _norm_param(ctx, args, 2, shape, 0.0)
+    return R.nn.layer_norm(args[0], gamma, beta, axes, epsilon=ctx.node.attr("eps"))
+
+
+@lowering(ops.RMS_NORM)
+def _rms_norm(ctx, args):
+    x = ctx.in_types[0]
+    weight = _norm_param(ctx, args, 1, (x.shape[-1],), 1.0)
+    return R.nn.rms_norm(args[0], weight, [-1], epsilon=ctx.node.attr("eps"))
+
+
+# ----------------------------------------------------------------------------- layout
+@lowering(ops.RESHAPE)
+def _reshape(ctx, args):
+    return R.reshape(args[0], ctx.out_shape())
+
+
+@lowering(ops.TRANSPOSE)
+def _transpose(ctx, args):
+    return R.permute_dims(args[0], list(ctx.node.attr("perm")))
+
+
+@lowering(ops.BROADCAST_TO)
+def _broadcast(ctx, args):
+    return R.broadcast_to(args[0], ctx.out_shape())
+
+
+@lowering(ops.CONCAT)
+def _concat(ctx, args):
+    return R.concat(args, axis=ctx.node.attr("axis"))
+
+
+@lowering(ops.SLICE)
+def _slice(ctx, args):
+    a = ctx.node.attrs
+    axis = a["axis"] % ctx.in_types[0].rank
+    return R.strided_slice(args[0], [axis], [ctx.prim(a["start"])], [ctx.prim(a["end"])], [a["step"]],
+                           assume_inbound=True)
+
+
+@lowering(ops.TAKE)
+def _take(ctx, args):
+    return R.take(args[0], args[1], axis=ctx.node.attr("axis"), mode="fast")
+
+
+@lowering(ops.GATHER_ELEMENTS)
+def _gather_elements(ctx, args):
+    return R.gather_elements(args[0], args[1], axis=ctx.node.attr("axis"))
+
+
+@lowering(ops.PAD)
+def _pad(ctx, args):
+    return R.nn.pad(args[0], list(ctx.node.attr("pads")), pad_value=ctx.node.attr("value"))
+
+
+# ----------------------------------------------------------------------------- sources
+@lowering(ops.CONSTANT)
+def _constant(ctx, args):
+    t = ctx.node.type
+    if t.is_static:
+        return relax.const(np.full(t.shape, ctx.node.attr("value"), dtype=t.dtype.numpy), TVM_DTYPES[t.dtype])
+    return R.full(ctx.out_shape(), const(ctx.node.attr("value"), t.dtype), TVM_DTYPES[t.dtype])
+
+
+@lowering(ops.ARANGE)
+def _arange(ctx, args):
+    a = ctx.node.attrs
+    dtype = TVM_DTYPES[a["dtype"]]
+    start, step = a["start"], a["step"]
+    if a["dtype"].is_float:
+        end = ctx.prim(a["length"]).astype("float64") * step + start
+        return R.arange(start, end, step, dtype)
+    end = ctx.prim(a["length"]) * int(step) + int(start)
+    return R.arange(int(start), end, int(step), dtype)
+
+
+# ----------------------------------------------------------------------------- nn
+@lowering(ops.CONV2D)
+def _conv2d(ctx, args):
+    a = ctx.node.attrs
+    out = R.nn.conv2d(args[0], args[1], strides=list(a["strides"]), padding=list(a["padding"]),
+                      dilation=list(a["dilation"]), groups=a["groups"])
+    if len(args) > 2:
+        out = R.add(out, R.reshape(args[2], [1, -1, 1, 1]))
+    return out
+
+
+def _pool(fn, **extra):
+    def lower(ctx, args):
+        a = ctx.node.attrs
+        return fn(args[0], pool_size=list(a["kernel"]), strides=list(a["strides"]), padding=list(a["padding"]),
+                  **extra)
+
+    return lower
+
+
+lowering(ops.MAX_POOL2D)(_pool(R.nn.max_pool2d))
+lowering(ops.AVG_POOL2D)(_pool(R.nn.avg_pool2d, count_include_pad=True))
+
+
+@lowering(ops.BATCH_NORM)
+def _batch_norm(ctx, args):
+    x, mean, var, w, b = args
+    rank = ctx.in_types[0].rank
+    shape = [1, -1] + [1] * (rank - 2)
+    eps = const(ctx.node.attr("eps"), ctx.node.type.dtype)
+    scale = R.multiply(w, R.rsqrt(R.add(var, eps)))
+    shift = R.subtract(b, R.multiply(mean, scale))
+    return R.add(R.multiply(x, R.reshape(scale, shape)), R.reshape(shift, shape))

@@ -1,0 +1,120 @@
+"""Load and run compiled artifacts: ``slimgraph.load(path)`` returns a :class:`CompiledModel`.
+
+Loading verifies every file hash and the target before the library is opened; weights are read
+from the artifact's safetensors (memory-mapped) and copied once into TVM tensors. Calls check each
+input's dtype and shape (symbolic dims must agree across inputs) and return numpy arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import tvm
+
+from slimgraph.backends.artifact import open_artifact
+from slimgraph.backends.targets import TargetSpec, check_runnable_here
+from slimgraph.compiler.errors import RuntimeInputError
+from slimgraph.compiler.types import TensorType, dim_expr, eval_dim
+from slimgraph.compiler.weights_io import read_safetensors
+
+
+class EntryPoint:
+    """One callable function of a compiled model (``main``, ``prefill``, ``decode``...)."""
+
+    def __init__(self, model: "CompiledModel", name: str, signature: dict):
+        self.model = model
+        self.name = name
+        self.input_names = [n for n, _ in signature["inputs"]]
+        self.input_types = [TensorType.parse(t) for _, t in signature["inputs"]]
+        self.output_names = list(signature["outputs"])
+        self._weights = [model.weight_tensors[w] for w in signature["weights"]]
+
+    def _arrays(self, args: Sequence, kwargs: Mapping) -> list[np.ndarray]:
+        if args and kwargs:
+            raise RuntimeInputError(f"@{self.name}: pass inputs either by position or by name, not both")
+        if kwargs:
+            unknown = sorted(set(kwargs) - set(self.input_names))
+            missing = [n for n in self.input_names if n not in kwargs]
+            if unknown or missing:
+                raise RuntimeInputError(f"@{self.name}: inputs are {self.input_names}; "
+                                        f"missing {missing}, unknown {unknown}")
+            args = [kwargs[n] for n in self.input_names]
+        if len(args) != len(self.input_names):
+            raise RuntimeInputError(f"@{self.name} takes {len(self.input_names)} input(s) {self.input_names}, "
+                                    f"got {len(args)}")
+        return [np.ascontiguousarray(a) for a in args]
+
+    def check(self, arrays: list[np.ndarray]) -> dict[str, int]:
+        """Validate dtypes and shapes; returns the bound symbolic dims."""
+        env: dict[str, int] = {}
+        for name, ttype, arr in zip(self.input_names, self.input_types, arrays):
+            if arr.dtype != ttype.dtype.numpy:
+                raise RuntimeInputError(f"input {name!r}: expected dtype {ttype.dtype} ({ttype}), got {arr.dtype}")
+            if arr.ndim != ttype.rank:
+                raise RuntimeInputError(f"input {name!r}: expected shape {ttype}, got {list(arr.shape)}")
+            for dim, actual in zip(ttype.shape, arr.shape):
+                if isinstance(dim, str) and dim_expr(dim).is_Symbol:
+                    if env.setdefault(dim, actual) != actual:
+                        raise RuntimeInputError(f"input {name!r}: dim {dim}={actual} disagrees with {dim}={env[dim]} "
+                                                "of an earlier input")
+        for name, ttype, arr in zip(self.input_names, self.input_types, arrays):
+            want = tuple(eval_dim(d, env) for d in ttype.shape)
+            if tuple(arr.shape) != want:
+                raise RuntimeInputError(f"input {name!r}: expected shape {ttype} = {list(want)}, got {list(arr.shape)}")
+        return env
+
+    def __call__(self, *args, **kwargs) -> list[np.ndarray]:
+        arrays = self._arrays(args, kwargs)
+        self.check(arrays)
+        device = self.model.device
+        tensors = [tvm.runtime.tensor(a, device) for a in arrays]
+        result = self.model.vm[self.name](*tensors, *self._weights)
+        outs = list(result) if isinstance(result, (tuple, list, tvm.ir.container.Array)) else [result]
+        return [o.numpy() for o in outs]
+
+    def time(self, *args, number: int = 10, repeat: int = 3, **kwargs) -> list[float]:
+        """Per-call seconds measured by TVM's time evaluator (inputs converted once)."""
+        arrays = self._arrays(args, kwargs)
+        self.check(arrays)
+        tensors = [tvm.runtime.tensor(a, self.model.device) for a in arrays]
+        evaluator = self.model.vm.time_evaluator(self.name, self.model.device, number=number, repeat=repeat)
+        return list(evaluator(*tensors, *self._weights).results)
+
+
+class CompiledModel:
+    """A loaded artifact. Call it like its first entry function; other entries by attribute/index."""
+
+    def __init__(self, path: str | Path, *, verify_hashes: bool = True):
+        info = open_artifact(path, verify_hashes=verify_hashes)
+        self.path = info.path
+        self.manifest = info.manifest
+        self.target = TargetSpec.from_dict(self.manifest["target"])
+        check_runnable_here(self.target, str(self.path))
+        self.device = tvm.cpu(0)
+        library = tvm.runtime.load_module(str(info.library))
+        self.vm = tvm.relax.VirtualMachine(library, self.device)
+        arrays = read_safetensors(info.weights)
+        self.weight_tensors = {name: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
+                               for name, a in arrays.items()}
+        self.entries = {name: EntryPoint(self, name, sig) for name, sig in self.manifest["entries"].items()}
+        self.main = next(iter(self.entries.values()))
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.main.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.main.output_names
+
+    def __getitem__(self, name: str) -> EntryPoint:
+        return self.entries[name]
+
+    def __call__(self, *args, **kwargs) -> list[np.ndarray]:
+        return self.main(*args, **kwargs)
+
+
+def load_artifact(path: str | Path, **kwargs) -> CompiledModel:
+    return CompiledModel(path, **kwargs)

@@ -1,0 +1,130 @@
+"""Default (untuned) x86 CPU schedules for every TIR PrimFunc of a Relax module.
+
+TVM's Relax CPU pipeline lowers fused PrimFuncs without any schedule, i.e. as
+scalar single-threaded loop nests. ``schedule_cpu_module`` gives each PrimFunc
+a deterministic hand-written schedule chosen from its block structure:
+
+* GEMV (one output row): parallel over outputs, k vectorized (``_matmul``);
+* GEMM / batch GEMM with fused prologue and epilogue: packed B panels and a
+  register-blocked micro kernel (``_matmul``);
+* row reductions (softmax, layer norm, RMS norm, mean/sum): parallel rows,
+  vectorized element-wise stages (``_generic``);
+* injective kernels (element-wise, broadcast, transpose, reshape, concat,
+  take): parallel x vectorized fused loops (``_generic``);
+* anything else: parallel leading spatial loops (``_generic``).
+
+Rules are tried in that order on a fresh ``Schedule``; a rule that does not
+apply or raises is skipped, so scheduling never breaks the build.
+"""
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+from . import _fastmath, _generic, _matmul
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+
+
+def _vector_lanes(target: Target, bits: int = 32) -> int:
+    """fp32 lanes of the widest vector register (16 on AVX-512)."""
+    width = llvm_get_vector_width(target)
+    return max(width, 128) // bits
+
+
+def _rules(target: Target, lanes: int):
+    """Candidate schedules, most specific first. Each mutates a Schedule and
+    may return a replacement Schedule."""
+
+    def gemv(sch):
+        if not _matmul.is_gemv(sch):
+            raise ValueError("not a GEMV")
+        _matmul.schedule_gemv(sch, lanes)
+
+    return [
+        ("gemv", gemv),
+        ("gemm", lambda sch: _matmul.schedule_gemm(sch, lanes)),
+        ("row_reduction", lambda sch: _generic.schedule_row_reduction(sch, target)),
+        ("injective", lambda sch: _generic.schedule_injective(sch, lanes)),
+        ("fallback", lambda sch: _generic.schedule_fallback(sch, lanes)),
+    ]
+
+
+def schedule_prim_func(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc, str]:
+    """Schedule one PrimFunc; returns (scheduled function, rule name).
+
+    float32 exp/sigmoid/erf are first replaced by vectorizable polynomials
+    (``_fastmath``). The function is returned unscheduled (rule "none") if
+    every rule fails."""
+    lanes = _vector_lanes(target)
+    try:
+        func = _fastmath.use_fast_math(func)
+    except Exception:  # pylint: disable=broad-except
+        pass
+    for name, rule in _rules(target, lanes):
+        sch = s_tir.Schedule(func, error_render_level="none")
+        try:
+            result = rule(sch)
+            sch = result if isinstance(result, s_tir.Schedule) else sch
+            return sch.mod["main"], name
+        except Exception:  # pylint: disable=broad-except
+            continue
+    return func, "none"
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get(SCHEDULED_ATTR, False))
+
+
+def schedule_cpu_module(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """Return a new IRModule where every tirx.PrimFunc got a default CPU schedule
+    (functions already scheduled are left alone)."""
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        scheduled, _ = schedule_prim_func(func, target)
+        mod[gvar] = scheduled.with_attr(SCHEDULED_ATTR, True)
+    return mod
+
+
+def schedule_pass(target: Target) -> tvm.transform.Pass:
+    """``schedule_cpu_module`` as a module pass."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphScheduleCPU")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return schedule_cpu_module(mod, target)
+
+    return _pass
+
+
+def build_pipeline(target: Target) -> tvm.transform.Pass:
+    """The Relax pipeline of ``relax.get_default_pipeline`` for llvm with the
+    schedules inserted after fusion.
+
+    ``FuseTransposeMatmul`` first turns ``matmul(x, permute_dims(W))`` (torch
+    Linear) into one ``x @ W^T`` kernel, so the weight transpose happens inside
+    the GEMM's B-panel packing instead of as a separate kernel per call.
+    Use as ``tvm.compile(mod, target, relax_pipeline=build_pipeline(target))``.
+    """
+    passes = (
+        cpu_pipeline.library_dispatch_passes(target)
+        + [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.FuseTransposeMatmul(),
+        ]
+        + cpu_pipeline.legalize_passes(target)
+        + [schedule_pass(target)]
+        + cpu_pipeline.dataflow_lower_passes(target)
+        + cpu_pipeline.finalize_passes(target)
+    )
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

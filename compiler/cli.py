@@ -1,0 +1,124 @@
+"""The ``slimgraph`` command line: compile, run, inspect.
+
+Exit codes are stable per error class: 0 ok, 2 usage, 3 bad input, 4 unsupported, 5 internal.
+With ``--json`` every command prints one JSON document (errors too) and no progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from slimgraph.compiler.errors import EXIT_CODES, InternalError, SlimgraphError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slimgraph: compress and compile models through Apache TVM.")
+
+
+def _emit_error(err: SlimgraphError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": err.to_dict()}))
+    else:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error[/] {err}", highlight=False, markup=True)
+
+
+def _guarded(as_json: bool, fn, *args, **kwargs):
+    """Run a command body, turning every failure into a message and a stable exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except SlimgraphError as err:
+        _emit_error(err, as_json)
+        raise typer.Exit(err.exit_code)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug: report it as internal, never as a raw traceback
+        err = InternalError(f"unexpected {type(exc).__name__}: {exc}",
+                            hint="this is a slimgraph bug; rerun with SLIMGRAPH_DEBUG=1 for the traceback")
+        import os
+
+        if os.environ.get("SLIMGRAPH_DEBUG"):
+            raise
+        _emit_error(err, as_json)
+        raise typer.Exit(err.exit_code)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="short name (smollm2, minilm, mlp, ...), HF folder, .onnx file"),
+    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
+    target: str = typer.Option("x86", "--target", help="compilation target"),
+    mcpu: Optional[str] = typer.Option(None, "--mcpu", help="CPU model (default: this machine's)"),
+    passes: Optional[str] = typer.Option(None, "--passes", help="comma-separated pass list"),
+    shape: List[str] = typer.Option([], "--shape", help="fix an input shape, e.g. input_ids=1x128"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write one numbered IR file per pass"),
+    print_after: List[str] = typer.Option([], "--print-after", help="print the IR after this pass"),
+    verify: bool = typer.Option(False, "--verify", help="check the graph numerically after every pass"),
+    no_schedule: bool = typer.Option(False, "--no-schedule", help="build without slimgraph's CPU schedules"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Compile MODEL for a target into an artifact directory."""
+    from slimgraph.compiler.cli_commands import run_compile
+
+    _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, passes=passes,
+             shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
+             force=force, as_json=as_json)
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="compiled artifact directory"),
+    inputs: Path = typer.Option(..., "--inputs", help=".npz file with one array per input name"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write outputs to this .npz"),
+    entry: Optional[str] = typer.Option(None, "--entry", help="entry function (default: the first)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Run a compiled artifact on inputs from an .npz file."""
+    from slimgraph.compiler.cli_commands import run_artifact
+
+    _guarded(as_json, run_artifact, artifact=artifact, inputs=inputs, output=output, entry=entry, as_json=as_json)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: str = typer.Argument(..., help="model (name, folder, .onnx) or compiled artifact directory"),
+    optimize: bool = typer.Option(False, "--optimize", help="show the model after the default pass pipeline"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained picture of the graph"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Show ops, parameters and sizes of a model or an artifact."""
+    from slimgraph.compiler.cli_commands import run_inspect
+
+    _guarded(as_json, run_inspect, target=target, optimize=optimize, html=html, as_json=as_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; click's own usage errors exit with the usage code (2)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except SystemExit as done:
+        return int(done.code or 0)
+    except Exception as exc:  # click.UsageError and friends
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return EXIT_CODES["usage"]
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

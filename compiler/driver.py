@@ -1,0 +1,151 @@
+"""The compile driver: model -> slimgraph IR -> passes -> Relax -> TVM build -> artifact directory.
+
+Each stage reports progress through ``on_event(kind, payload)`` (the CLI draws rich progress bars
+from it) and its wall time into ``report.json``. Backends are reached only through
+``slimgraph.backends``, which is the one package that imports TVM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from slimgraph import __version__
+from slimgraph.compiler.ir import Module
+from slimgraph.compiler.printer import print_module
+from slimgraph.compiler.specialize import bind_from_shapes, specialize
+from slimgraph.compiler.verifier import verify
+
+EventFn = Callable[[str, dict], None]
+
+
+def _quiet(kind: str, payload: dict) -> None:
+    return None
+
+
+@dataclass
+class CompileOptions:
+    target: str = "x86"
+    mcpu: str | None = None
+    passes: tuple | None = None          # None: the default pipeline
+    shapes: dict = field(default_factory=dict)
+    dump_ir: Path | None = None
+    print_after: tuple = ()
+    verify: bool = False
+    schedule: bool = True
+    force: bool = False
+
+
+def model_hash(model_path: str | None) -> str | None:
+    """sha256 over the model file, or over every file of a model folder (sorted by name)."""
+    if model_path is None or not Path(model_path).exists():
+        return None
+    path = Path(model_path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.relative_to(path if path.is_dir() else path.parent).as_posix().encode())
+        with open(file, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None]:
+    """Resolve a model (short name, path, Module) into IR; returns (module, path of its files)."""
+    if isinstance(model, Module):
+        return model, None
+    from slimgraph.models.registry import load_module, resolve_model
+
+    source = resolve_model(str(model))
+    on_event("stage_start", {"stage": "load", "detail": str(model)})
+    module = load_module(str(model))
+    verify(module, source=str(model))
+    on_event("stage_end", {"stage": "load", "nodes": module.num_nodes()})
+    return module, getattr(source, "path", None)
+
+
+def optimize(module: Module, options: CompileOptions, *, on_event: EventFn = _quiet):
+    """Specialize shapes, then run the pass pipeline; returns the PipelineReport."""
+    from slimgraph.compiler.passmanager import DEFAULT_PIPELINE, run_pipeline
+
+    if options.shapes:
+        module = specialize(module, bind_from_shapes(module, options.shapes))
+        verify(module, source="specialized module")
+    return run_pipeline(
+        module, tuple(options.passes or DEFAULT_PIPELINE), verify=options.verify,
+        print_after=set(options.print_after), dump_dir=options.dump_ir, on_event=on_event,
+    )
+
+
+def compile_model(model, output: str | Path, options: CompileOptions | None = None, *,
+                  on_event: EventFn = _quiet) -> Path:
+    """Compile ``model`` for ``options.target`` into the artifact directory ``output``."""
+    from slimgraph.backends.artifact import ArtifactWriter, REPORT, seal_manifest, write_json
+    from slimgraph.backends.compile import build_artifact_files
+
+    options = options or CompileOptions()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    writer = ArtifactWriter(output, force=options.force)  # refuse an existing output before any work
+    module, model_path = load_model(model, on_event=on_event)
+    timings["load"] = time.perf_counter() - start
+    weight_bytes_before = module.weight_bytes()
+    with writer as tmp:
+        t0 = time.perf_counter()
+        pipeline = optimize(module, options, on_event=on_event)
+        timings["passes"] = time.perf_counter() - t0
+        if options.dump_ir is not None:
+            shutil.copytree(options.dump_ir, tmp / "ir")
+        (tmp / "graph.ir").write_text(print_module(pipeline.module))
+        build = build_artifact_files(pipeline.module, tmp, options, on_event=on_event)
+        timings.update(build.timings)
+        timings["total"] = time.perf_counter() - start
+        report = {
+            "model": str(model) if not isinstance(model, Module) else "<module>",
+            "passes": [record.to_dict() for record in pipeline.records],
+            "nodes": {"input": module.num_nodes(), "output": pipeline.module.num_nodes()},
+            "kernels": {"input": module.num_kernels(), "output": pipeline.module.num_kernels(),
+                        "relax_functions": build.num_functions},
+            "weight_bytes": {"input": weight_bytes_before, "output": pipeline.module.weight_bytes()},
+            "compile_seconds": {k: round(v, 3) for k, v in timings.items()},
+        }
+        write_json(tmp / REPORT, report)
+        seal_manifest(tmp, {
+            "slimgraph_version": __version__,
+            "tvm_version": build.tvm_version,
+            "target": build.target.to_dict(),
+            "input_model": {"name": str(model) if not isinstance(model, Module) else None,
+                            "sha256": model_hash(model_path)},
+            "pipeline": list(options.passes or [r.name for r in pipeline.records]),
+            "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,
+                        "schedule": options.schedule, "mcpu": options.mcpu, "dump_ir": options.dump_ir is not None},
+            "entries": build.entries,
+        })
+    on_event("done", {"output": str(writer.out), "seconds": timings["total"]})
+    return writer.out
+
+
+def sample_inputs(module: Module, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for an entry function: token ids for integer inputs, normal floats otherwise."""
+    from slimgraph.compiler.types import eval_dim
+
+    rng = np.random.default_rng(seed)
+    fn = module.main
+    env = {s: (sizes or {}).get(s, 8) for p in fn.params for s in p.type.symbols()}
+    out = {}
+    for p in fn.params:
+        shape = tuple(eval_dim(d, env) for d in p.type.shape)
+        if p.type.dtype.is_float:
+            out[p.name] = rng.standard_normal(shape).astype(p.type.dtype.numpy)
+        elif "mask" in p.name:
+            out[p.name] = np.ones(shape, p.type.dtype.numpy)
+        else:
+            out[p.name] = rng.integers(0, 100, shape).astype(p.type.dtype.numpy)
+    return out
