@@ -80,6 +80,11 @@ class LowerContext:
     symbols: SymbolTable
     node: Node
     in_types: list
+    builder: relax.BlockBuilder
+
+    def emit(self, expr: relax.Expr) -> relax.Var:
+        """Bind an intermediate expression (ops such as reshape need typed operands)."""
+        return self.builder.emit(expr)
 
     def prim(self, dim):
         return self.symbols.prim(dim)
@@ -177,7 +182,7 @@ class _Lowerer:
         if node.op is CALL:
             return self.bb.emit(relax.Call(self.gvars[node.callee], args), name_hint=node.name)
         in_types = [self.types[i] for i in node.inputs]
-        expr = LOWERINGS[node.op](LowerContext(self.symbols, node, in_types), args)
+        expr = LOWERINGS[node.op](LowerContext(self.symbols, node, in_types, self.bb), args)
         return self.bb.emit(expr, name_hint=node.name)
 
 

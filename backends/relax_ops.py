@@ -220,7 +220,7 @@ def _conv2d(ctx, args):
     out = R.nn.conv2d(args[0], args[1], strides=list(a["strides"]), padding=list(a["padding"]),
                       dilation=list(a["dilation"]), groups=a["groups"])
     if len(args) > 2:
-        out = R.add(out, R.reshape(args[2], [1, -1, 1, 1]))
+        out = R.add(ctx.emit(out), ctx.emit(R.reshape(args[2], [1, -1, 1, 1])))
     return out
 
 
@@ -243,6 +243,6 @@ def _batch_norm(ctx, args):
     rank = ctx.in_types[0].rank
     shape = [1, -1] + [1] * (rank - 2)
     eps = const(ctx.node.attr("eps"), ctx.node.type.dtype)
-    scale = R.multiply(w, R.rsqrt(R.add(var, eps)))
-    shift = R.subtract(b, R.multiply(mean, scale))
-    return R.add(R.multiply(x, R.reshape(scale, shape)), R.reshape(shift, shape))
+    scale = ctx.emit(R.multiply(w, R.rsqrt(R.add(var, eps))))
+    shift = ctx.emit(R.subtract(b, R.multiply(mean, scale)))
+    return R.add(R.multiply(x, ctx.emit(R.reshape(scale, shape))), ctx.emit(R.reshape(shift, shape)))
