@@ -71,7 +71,7 @@ class EntryPoint:
         device = self.model.device
         tensors = [tvm.runtime.tensor(a, device) for a in arrays]
         result = self.model.vm[self.name](*tensors, *self._weights)
-        outs = list(result) if isinstance(result, (tuple, list, tvm.ir.container.Array)) else [result]
+        outs = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [o.numpy() for o in outs]
 
     def time(self, *args, number: int = 10, repeat: int = 3, **kwargs) -> list[float]:

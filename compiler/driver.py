@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +109,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
         timings["total"] = time.perf_counter() - start
         report = {
             "model": str(model) if not isinstance(model, Module) else "<module>",
-            "passes": [record.to_dict() for record in pipeline.records],
+            "passes": [asdict(record) for record in pipeline.records],
             "nodes": {"input": module.num_nodes(), "output": pipeline.module.num_nodes()},
             "kernels": {"input": module.num_kernels(), "output": pipeline.module.num_kernels(),
                         "relax_functions": build.num_functions},

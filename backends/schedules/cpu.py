@@ -55,14 +55,8 @@ def _rules(target: Target, lanes: int):
 def schedule_prim_func(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc, str]:
     """Schedule one PrimFunc; returns (scheduled function, rule name).
 
-    float32 exp/sigmoid/erf are first replaced by vectorizable polynomials
-    (``_fastmath``). The function is returned unscheduled (rule "none") if
-    every rule fails."""
+    The function is returned unscheduled (rule "none") if every rule fails."""
     lanes = _vector_lanes(target)
-    try:
-        func = _fastmath.use_fast_math(func)
-    except Exception:  # pylint: disable=broad-except
-        pass
     for name, rule in _rules(target, lanes):
         sch = s_tir.Schedule(func, error_render_level="none")
         try:
@@ -101,12 +95,13 @@ def schedule_pass(target: Target) -> tvm.transform.Pass:
 
 
 def build_pipeline(target: Target) -> tvm.transform.Pass:
-    """The Relax pipeline of ``relax.get_default_pipeline`` for llvm with the
-    schedules inserted after fusion.
+    """The Relax pipeline of ``relax.get_default_pipeline`` for llvm, with two changes.
 
-    ``FuseTransposeMatmul`` first turns ``matmul(x, permute_dims(W))`` (torch
-    Linear) into one ``x @ W^T`` kernel, so the weight transpose happens inside
-    the GEMM's B-panel packing instead of as a separate kernel per call.
+    * Fusion is slimgraph's: TVM's ``FuseOps`` is not run; ``FuseTIR`` merges each of slimgraph's
+      fused functions (marked ``Primitive``) into one kernel, and every other op stays its own kernel.
+    * The schedules of this package are applied to every kernel after ``FuseTIR``.
+    ``_fastmath`` swaps float32 exp/sigmoid/erf/softmax/gelu for vectorizable polynomial forms
+    (libm calls would serialize the vector loops).
     Use as ``tvm.compile(mod, target, relax_pipeline=build_pipeline(target))``.
     """
     passes = (
@@ -114,10 +109,13 @@ def build_pipeline(target: Target) -> tvm.transform.Pass:
         + [
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
-            relax.transform.FuseTransposeMatmul(),
+            _fastmath.fast_math_pass,
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseTIR(),
+            schedule_pass(target),
         ]
-        + cpu_pipeline.legalize_passes(target)
-        + [schedule_pass(target)]
         + cpu_pipeline.dataflow_lower_passes(target)
         + cpu_pipeline.finalize_passes(target)
     )
