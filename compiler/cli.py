@@ -28,12 +28,12 @@ def _emit_error(err: SlimgraphError, as_json: bool) -> None:
         Console(stderr=True).print(f"[bold red]error[/] {err}", highlight=False, markup=True)
 
 
-def _guarded(as_json: bool, fn, *args, **kwargs):
+def _guarded(json_errors: bool, fn, *args, **kwargs):
     """Run a command body, turning every failure into a message and a stable exit code."""
     try:
         return fn(*args, **kwargs)
     except SlimgraphError as err:
-        _emit_error(err, as_json)
+        _emit_error(err, json_errors)
         raise typer.Exit(err.exit_code)
     except KeyboardInterrupt:
         raise typer.Exit(130)
@@ -46,7 +46,7 @@ def _guarded(as_json: bool, fn, *args, **kwargs):
 
         if os.environ.get("SLIMGRAPH_DEBUG"):
             raise
-        _emit_error(err, as_json)
+        _emit_error(err, json_errors)
         raise typer.Exit(err.exit_code)
 
 
@@ -101,22 +101,11 @@ def inspect_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; click's own usage errors exit with the usage code (2)."""
+    """Entry point. Usage errors detected by the argument parser exit with the usage code (2)."""
     try:
-        app(args=argv, standalone_mode=False)
-    except typer.Exit as done:
-        return done.exit_code
+        app(args=argv, prog_name="slimgraph")
     except SystemExit as done:
-        return int(done.code or 0)
-    except Exception as exc:  # click.UsageError and friends
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return EXIT_CODES["usage"]
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
-        raise
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else EXIT_CODES["usage"])
     return 0
 
 

@@ -199,17 +199,17 @@ class _Verifier:
         self.reference = interpreter.run(module, self.inputs)
         self.output_names = module.main.outputs
 
-    def check(self, module: Module, pass_name: str) -> None:
+    def check(self, module: Module, pass_name: str, where: str = "") -> None:
         try:
             self.verifier.verify(module, source=f"after pass {pass_name!r}")
             outputs = self.interpreter.run(module, self.inputs)
         except SlimgraphError as exc:
-            raise VerificationError(f"pass {pass_name!r} produced an invalid module: {exc.message}") from None
+            raise VerificationError(f"pass {pass_name!r}{where} produced an invalid module: {exc.message}") from None
         for i, (ref, got) in enumerate(zip(self.reference, outputs)):
             cmp = compare_outputs(ref, got)
             if not cmp.ok:
                 raise VerificationError(
-                    f"pass {pass_name!r} changed output #{i} (%{self.output_names[i]}): {cmp.message}",
+                    f"pass {pass_name!r}{where} changed output #{i} (%{self.output_names[i]}): {cmp.message}",
                     hint=f"re-run without {pass_name!r} (--passes) and report the input IR (--dump-ir)")
 
 
@@ -242,7 +242,7 @@ def run_pipeline(module: Module, passes: Iterable[str] = DEFAULT_PIPELINE, *, ve
         report.records.append(record)
         report.module = after
         if checker is not None:
-            checker.check(after, info.name)
+            checker.check(after, info.name, f" (pass {index} of {len(infos)})")
         text = print_module(after) if (dump is not None or info.name in print_after) else None
         if dump is not None:
             (dump / f"{index:02d}-{info.name}.ir").write_text(text)

@@ -1,0 +1,168 @@
+"""Operator fusion: partition each entry function into groups that the backend emits as ONE kernel.
+
+A group has at most one *anchor* (an op that reduces) and a single escaping value, its *root*:
+every other member is used only inside the group and is not a function output. That makes
+groups convex (no path leaves a group and comes back), so calling each group at the position of
+its root keeps the entry topologically ordered. Groups are built greedily in three phases:
+
+1. **Anchors**, in program order. A CONTRACTION (matmul, conv2d) takes a *prologue*: producers of
+   its operands that are elementwise ops, transpose, reshape or broadcast_to, used only inside the
+   group (recursively). A REDUCTION/NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm,
+   rms_norm, pooling) takes an elementwise-only prologue (the scale and mask add before softmax).
+   Then both take an *epilogue*: while the root has a single user that is elementwise and
+   unclaimed, it joins and becomes the root (bias add, activation, residual add; ``silu(x@Wg) *
+   (x@Wu)`` joins the gate matmul's group, taking the other matmul's result as an input). Scans
+   (cumsum) form groups of their own.
+2. **Injective chains**: remaining elementwise/layout ops, visited in reverse program order, join
+   the group of their users when all users are in one anchor-free group; otherwise they start one.
+3. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
+   whose params are the group's external inputs (weights are passed as call arguments), called
+   from the entry by a ``call`` node that keeps the root's value name. Structurally identical
+   groups share one function, so N identical transformer layers compile each kernel once.
+
+What stays unfused in the entry: a lone reshape (a free view); source ops (``constant``,
+``arange``) -- static ones are cloned into every group that reads them, symbolic ones stay in the
+entry since a fused function could not know their size; groups whose types mention a symbolic dim
+that none of their inputs carries (the function could not bind it); existing calls and impure ops.
+Every other group -- even of one op -- becomes a function, so the entry is calls plus free views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slimgraph.compiler import ops
+from slimgraph.compiler.ir import Function, FunctionKind, Module, Node
+from slimgraph.compiler.ops import OpCategory
+from slimgraph.compiler.passmanager import PassResult, register_pass
+
+ANCHOR_CATEGORIES = (OpCategory.CONTRACTION, OpCategory.REDUCTION, OpCategory.NORMALIZATION)
+SCANS = frozenset({ops.CUMSUM})
+INJECTIVE = (OpCategory.ELEMENTWISE, OpCategory.LAYOUT)
+CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO})
+
+
+@dataclass
+class Group:
+    """Nodes fused into one kernel; ``anchor`` is None for injective-only groups."""
+
+    anchor: Node | None
+    root: str
+    members: set = field(default_factory=set)
+
+
+def prologue_allows(anchor: Node, node: Node) -> bool:
+    """Whether ``node`` may be computed inside ``anchor``'s kernel while reading its operand."""
+    if node.op.category is OpCategory.ELEMENTWISE:
+        return True
+    return anchor.op.category is OpCategory.CONTRACTION and node.op in CONTRACTION_PROLOGUE_LAYOUT
+
+
+class Partitioner:
+    """Assigns the nodes of one entry function to groups (see the module docstring)."""
+
+    def __init__(self, fn: Function):
+        self.fn = fn
+        self.nodes = fn.node_map()
+        self.users = {name: {u.name for u in us} for name, us in fn.users().items()}
+        self.outputs = set(fn.outputs)
+        self.group_of: dict[str, Group] = {}
+        self.types = {p.name: p.type for p in fn.params}
+        self.types.update((n.name, n.type) for n in fn.nodes)
+
+    def fusible(self, node: Node | None) -> bool:
+        return (node is not None and node.name not in self.group_of and node.op.pure
+                and node.op.category not in (OpCategory.SOURCE, OpCategory.CALL))
+
+    def internal(self, name: str, members: set) -> bool:
+        """``name`` is used only by ``members`` and is not a function output."""
+        return name not in self.outputs and self.users.get(name, set()) <= members
+
+    def claim(self, group: Group, node: Node) -> None:
+        group.members.add(node.name)
+        self.group_of[node.name] = group
+
+    def grow_prologue(self, group: Group) -> None:
+        grown = True
+        while grown:
+            grown = False
+            for member in sorted(group.members):
+                for ref in self.nodes[member].inputs:
+                    p = self.nodes.get(ref)
+                    if (self.fusible(p) and prologue_allows(group.anchor, p)
+                            and self.internal(p.name, group.members)):
+                        self.claim(group, p)
+                        grown = True
+
+    def grow_epilogue(self, group: Group) -> None:
+        while group.root not in self.outputs and len(self.users.get(group.root, ())) == 1:
+            user = self.nodes[next(iter(self.users[group.root]))]
+            if not self.fusible(user) or user.op.category is not OpCategory.ELEMENTWISE:
+                return
+            self.claim(group, user)
+            group.root = user.name
+
+    def anchors(self) -> None:
+        for node in self.fn.nodes:
+            if not self.fusible(node) or node.op.category not in ANCHOR_CATEGORIES:
+                continue
+            group = Group(node, node.name)
+            self.claim(group, node)
+            if node.op not in SCANS:
+                self.grow_prologue(group)
+                self.grow_epilogue(group)
+
+    def injective(self) -> None:
+        for node in reversed(self.fn.nodes):
+            if not self.fusible(node) or node.op.category not in INJECTIVE:
+                continue
+            users = self.users.get(node.name, set())
+            targets = {id(self.group_of[u]): self.group_of[u] for u in users if u in self.group_of}
+            if (node.name not in self.outputs and users and len(targets) == 1
+                    and all(u in self.group_of for u in users)):
+                target = next(iter(targets.values()))
+                if target.anchor is None:
+                    self.claim(target, node)
+                    continue
+            self.claim(Group(None, node.name), node)
+
+    def groups(self) -> list[Group]:
+        """The groups worth outlining, ordered by the position of their root."""
+        self.anchors()
+        self.injective()
+        unique = {id(g): g for g in self.group_of.values()}.values()
+        order = {n.name: i for i, n in enumerate(self.fn.nodes)}
+        kept = [g for g in unique if self.worth_outlining(g)]
+        return sorted(kept, key=lambda g: order[g.root])
+
+    def worth_outlining(self, group: Group) -> bool:
+        if len(group.members) == 1 and self.nodes[group.root].op is ops.RESHAPE:
+            return False
+        inner: set[str] = set()
+        outer: set[str] = set()
+        for name in group.members:
+            node = self.nodes[name]
+            inner |= node.type.symbols()
+            for ref in node.inputs:
+                if ref not in group.members and ref in self.types:
+                    outer |= self.types[ref].symbols()
+        return inner <= outer
+
+
+@register_pass("fuse")
+def fuse(module: Module) -> PassResult:
+    """Group each entry's ops into single-kernel fused functions, shared between identical groups."""
+    from slimgraph.passes.fusion_outline import Outliner
+
+    outliner = Outliner(module)
+    functions: dict[str, Function] = {}
+    for name, fn in module.functions.items():
+        if fn.kind is FunctionKind.ENTRY:
+            functions[name] = outliner.outline(fn, Partitioner(fn).groups())
+        else:
+            functions[name] = fn
+    functions.update(outliner.created)
+    stats = outliner.stats
+    if not stats["calls"]:
+        return PassResult(module, False, stats)
+    return PassResult(Module(functions, module.weights, module.metadata), True, stats)

@@ -1,0 +1,256 @@
+"""Each optimization pass on small hand-built graphs: golden IR after the pass, numerical
+equivalence with the interpreter, idempotence, and that the input module is never mutated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from golden_util import (
+    GraphMaker, assert_golden, causal_attention, conv_batch_norm, layer_norm_primitives, layout_noise,
+    llama_block, softmax_primitives,
+)
+from slimgraph.compiler import interpreter, ops
+from slimgraph.compiler.ir import FunctionKind, Module
+from slimgraph.compiler.passmanager import compare_outputs, get_pass, make_sample_inputs
+from slimgraph.compiler.printer import parse_module, print_module
+from slimgraph.compiler.types import DType, TensorType
+from slimgraph.compiler.verifier import verify
+
+GRAPHS = {
+    "llama_block": llama_block,
+    "causal_attention": causal_attention,
+    "causal_attention_symbolic": lambda: causal_attention("T"),
+    "layer_norm": layer_norm_primitives,
+    "softmax": softmax_primitives,
+    "conv_bn": conv_batch_norm,
+    "layout_noise": layout_noise,
+}
+PASSES = ("fold_constants", "simplify", "cse", "dce", "fuse")
+
+
+def run_pass(name: str, module: Module):
+    return get_pass(name).run(module)
+
+
+def assert_same_outputs(before: Module, after: Module, inputs=None) -> None:
+    inputs = inputs if inputs is not None else make_sample_inputs(before)
+    for ref, got in zip(interpreter.run(before, inputs), interpreter.run(after, inputs)):
+        cmp = compare_outputs(ref, got)
+        assert cmp.ok, cmp.message
+
+
+def weight_snapshot(module: Module) -> dict:
+    return {name: w.array.copy() for name, w in module.weights.items()}
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("pass_name", PASSES)
+def test_pass_golden_numerics_idempotence(pass_name, graph):
+    module = GRAPHS[graph]()
+    text_before, arrays_before = print_module(module), weight_snapshot(module)
+    result, changed, stats = run_pass(pass_name, module)
+    # the input is untouched (text and weight data)
+    assert print_module(module) == text_before
+    for name, array in arrays_before.items():
+        np.testing.assert_array_equal(module.weights[name].array, array)
+    verify(result)
+    text = print_module(result)
+    assert changed == (text != text_before)
+    assert all(isinstance(v, int) for v in stats.values())
+    assert_golden(f"{pass_name}/{graph}", text)
+    assert_same_outputs(module, result)
+    again, changed_again, _ = run_pass(pass_name, result)
+    assert not changed_again and print_module(again) == text
+    assert parse_module(text).functions.keys() == result.functions.keys()
+
+
+# ----------------------------------------------------------------------------- constant folding
+def ops_of(module: Module, function: str = "main") -> list:
+    return [n.op for n in module.functions[function].nodes]
+
+
+def test_static_causal_mask_folds_completely():
+    result = run_pass("fold_constants", causal_attention(5)).module
+    remaining = set(ops_of(result))
+    assert not remaining & {ops.ARANGE, ops.CUMSUM, ops.WHERE, ops.LE, ops.BROADCAST_TO, ops.CAST}
+    mask = [w for w in result.weights if w.startswith("fold.")]
+    assert len(mask) == 1 and result.weights[mask[0]].type == TensorType(DType.f32, (1, 1, 5, 5))
+    assert np.isneginf(result.weights[mask[0]].array[0, 0, 0, 1])
+
+
+def test_symbolic_causal_mask_is_left_alone():
+    result, changed, _ = run_pass("fold_constants", causal_attention("T"))
+    assert not changed and ops.CUMSUM in ops_of(result)
+
+
+def test_fold_names_are_deterministic():
+    first = print_module(run_pass("fold_constants", causal_attention(5)).module)
+    assert first == print_module(run_pass("fold_constants", causal_attention(5)).module)
+
+
+def test_huge_broadcast_is_not_folded_but_small_uniform_becomes_constant():
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (64, 1024, 1024)))
+    big = g(ops.BROADCAST_TO, g(ops.CAST, g.const(2.0, DType.i64), dtype=DType.f32), shape=[64, 1024, 1024])
+    small = g(ops.BROADCAST_TO, g.const(3.0), shape=[4])
+    module = g.module(g(ops.ADD, x, big), g(ops.ADD, small, small))
+    result, changed, stats = run_pass("fold_constants", module)
+    assert changed and not result.weights
+    nodes = result.main.node_map()
+    assert nodes[result.main.outputs[0]].op is ops.ADD
+    assert any(n.op is ops.BROADCAST_TO and n.type.shape == (64, 1024, 1024) for n in nodes.values())
+    folded = nodes[result.main.outputs[1]]
+    assert folded.op is ops.CONSTANT and folded.attrs["value"] == 6.0 and folded.type.shape == (4,)
+
+
+def test_lone_scalar_constants_stay_ops():
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (3,)))
+    module = g.module(g(ops.MUL, x, g.const(2.0)))
+    _, changed, _ = run_pass("fold_constants", module)
+    assert not changed
+
+
+# ----------------------------------------------------------------------------- simplify
+def test_weight_transpose_is_pretransposed_once():
+    result = run_pass("simplify", llama_block(layers=1)).module
+    assert "embed.T" in result.weights and "l0.gate.T" in result.weights
+    wt = result.weights["l0.gate.T"].array
+    assert wt.flags.c_contiguous and wt.shape == (8, 16)
+    np.testing.assert_array_equal(wt, result.weights["l0.gate"].array.T)
+    assert ops.TRANSPOSE not in ops_of(result)
+
+
+@pytest.mark.parametrize("graph, op", [
+    (llama_block, ops.RMS_NORM), (layer_norm_primitives, ops.LAYER_NORM), (softmax_primitives, ops.SOFTMAX),
+])
+def test_normalizations_are_recognized(graph, op):
+    result = run_pass("dce", run_pass("simplify", graph()).module).module
+    assert op in ops_of(result)
+    assert not set(ops_of(result)) & {ops.RSQRT, ops.SQRT, ops.EXP, ops.MEAN}
+
+
+def test_layer_norm_absorbs_weight_and_bias():
+    result = run_pass("simplify", layer_norm_primitives()).module
+    ln = result.main.node_map()["ln"]
+    assert ln.op is ops.LAYER_NORM and ln.inputs[1:] == ("@ln.weight", "@ln.bias")
+
+
+def test_batch_norm_folds_into_conv():
+    result = run_pass("dce", run_pass("simplify", conv_batch_norm()).module).module
+    assert ops_of(result) == [ops.CONV2D, ops.RELU]
+    assert sorted(result.weights) == ["conv.weight.bn", "conv.weight.bn_bias"]
+
+
+# ----------------------------------------------------------------------------- cse / dce
+def test_cse_merges_commutative_and_identical_weights():
+    result, _, stats = run_pass("cse", layout_noise())
+    assert stats["weights_merged"] == 1 and "w2" not in result.weights
+    assert stats["nodes_merged"] >= 2   # add(s, x) == add(x, s), the repeated constants
+
+
+def test_dce_drops_unused_functions_and_weights():
+    module = run_pass("fuse", llama_block(layers=1)).module
+    extra = dict(module.functions)
+    extra["unused_fn"] = module.functions["fused_softmax"].__class__(
+        "unused_fn", module.functions["fused_softmax"].params, module.functions["fused_softmax"].nodes,
+        module.functions["fused_softmax"].outputs, FunctionKind.FUSED)
+    module = module.with_functions(extra)
+    result, changed, stats = run_pass("dce", module)
+    assert changed and "unused_fn" not in result.functions and stats["functions_removed"] == 1
+
+
+# ----------------------------------------------------------------------------- fusion
+def fused_invariants(module: Module) -> None:
+    for fn in module.functions.values():
+        if fn.kind is FunctionKind.FUSED:
+            assert len(fn.outputs) == 1 and not fn.weight_refs()
+            anchors = [n for n in fn.nodes if n.op.category in (
+                ops.OpCategory.CONTRACTION, ops.OpCategory.REDUCTION, ops.OpCategory.NORMALIZATION)]
+            assert len(anchors) <= 1, fn.name
+    for fn in module.entries:
+        for n in fn.nodes:
+            assert n.op in (ops.CALL, ops.RESHAPE) or n.op.category is ops.OpCategory.SOURCE, n
+
+
+def test_identical_layers_share_fused_functions():
+    two = run_pass("fuse", run_pass("simplify", llama_block(layers=2)).module).module
+    six = run_pass("fuse", run_pass("simplify", llama_block(layers=6)).module).module
+    fused_invariants(two)
+    fused_invariants(six)
+    assert sorted(two.functions) == sorted(six.functions)
+    assert {"fused_matmul_silu_mul", "fused_matmul_add", "fused_rms_norm"} <= set(six.functions)
+
+
+def test_fusion_rules_on_attention_and_swiglu():
+    module = run_pass("fuse", run_pass("fold_constants", causal_attention(5)).module).module
+    fused_invariants(module)
+    body = module.functions[module.main.nodes[0].callee]
+    assert [n.op for n in body.nodes] == [ops.TRANSPOSE, ops.MATMUL, ops.CONSTANT, ops.MUL, ops.ADD]
+
+
+_UNARY = [ops.EXP, ops.TANH, ops.NEG, ops.SIGMOID, ops.ABS]
+_BINARY = [ops.ADD, ops.MUL, ops.SUB, ops.MAXIMUM]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 3), st.integers(0, 30), st.integers(0, 30)),
+                min_size=1, max_size=12), st.integers(1, 3))
+def test_random_elementwise_graphs_fuse_and_cse(steps, n_outputs):
+    """Random DAGs of elementwise ops (with repeats): fuse and cse keep values and invariants."""
+    g = GraphMaker()
+    values = [g.b.param("a", TensorType(DType.f32, (2, 3))), g.b.param("b", TensorType(DType.f32, (3,)))]
+    for kind, op_index, i, j in steps:
+        x, y = values[i % len(values)], values[j % len(values)]
+        if kind < 4:
+            values.append(g(_UNARY[(kind + op_index) % len(_UNARY)], x))
+        else:
+            values.append(g(_BINARY[op_index], x, y))
+    module = g.module(*values[-n_outputs:])
+    inputs = make_sample_inputs(module, seed=1)
+    for name in ("cse", "fuse", "dce"):
+        result = run_pass(name, module).module
+        verify(result)
+        assert_same_outputs(module, result, inputs)
+        module = result
+    fused_invariants(module)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["transpose", "reshape", "cast", "mul1", "add0"]),
+                          st.permutations([0, 1, 2])), min_size=1, max_size=8))
+def test_random_layout_chains_simplify_exactly(chain):
+    """Chains of transposes, reshapes, no-op casts and neutral elements: simplify keeps values."""
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (2, 3, 4)))
+    value = x
+    for kind, perm in chain:
+        shape = g.b.type_of(value).shape
+        if kind == "transpose":
+            value = g(ops.TRANSPOSE, value, perm=list(perm))
+        elif kind == "reshape":
+            value = g(ops.RESHAPE, value, shape=[shape[i] for i in perm])
+        elif kind == "cast":
+            value = g(ops.CAST, value, dtype=DType.f32)
+        else:
+            value = g(ops.MUL if kind == "mul1" else ops.ADD, value, g.const(1.0 if kind == "mul1" else 0.0))
+    module = g.module(g(ops.EXP, value))
+    result = run_pass("dce", run_pass("simplify", module).module).module
+    verify(result)
+    assert_same_outputs(module, result)
+    assert not {ops.CAST, ops.MUL, ops.ADD} & set(ops_of(result))
+
+
+def test_entries_share_fused_functions():
+    module = run_pass("simplify", llama_block(layers=1)).module
+    main = module.main
+    decode = main.__class__("decode", main.params, main.nodes, main.outputs, main.kind)
+    both = module.with_function(decode)
+    fused = run_pass("fuse", both).module
+    fused_invariants(fused)
+    calls = lambda name: [n.callee for n in fused.functions[name].nodes if n.op is ops.CALL]  # noqa: E731
+    assert calls("main") == calls("decode")
+    assert_same_outputs(both, fused)
