@@ -61,6 +61,11 @@ class Val:
 
 
 # ----------------------------------------------------------------------------- symbolic arrays
+def small_static(shape) -> bool:
+    """Whether a tensor of this shape may be created at import time (static and at most FOLD_LIMIT)."""
+    return all(isinstance(d, int) for d in shape) and int(np.prod(shape, dtype=np.int64)) <= FOLD_LIMIT
+
+
 def normalize(arr: np.ndarray) -> np.ndarray:
     """Turn an object array whose entries are all plain integers (or booleans) back into int64 (bool)."""
     arr = np.asarray(arr)
@@ -83,16 +88,28 @@ def dims_array(dims) -> np.ndarray:
     return normalize(out)
 
 
-def to_dims(arr: np.ndarray) -> tuple:
+def as_dim(value, where: str):
+    """An IR dim from a known value. Expressions with functions (floor(T/2), Max(T, 8)) have no IR
+    form: the IR's dims are polynomials of the input symbols."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    expr = sympy.sympify(value)
+    if expr.atoms(sympy.Function):
+        raise UnsupportedError(f"{where}: the shape value {expr} is not a polynomial of the input dims; "
+                               "fix those dims with import_onnx(..., shapes={...})")
+    return canonical_dim(expr)
+
+
+def to_dims(arr: np.ndarray, where: str) -> tuple:
     """IR dims (ints or canonical expression text) from a known 1-D shape array."""
-    return tuple(canonical_dim(int(v)) if isinstance(v, (int, np.integer)) else canonical_dim(v)
-                 for v in np.asarray(arr).reshape(-1))
+    return tuple(as_dim(v, where) for v in np.asarray(arr).reshape(-1))
 
 
 def symbolic_floordiv(a, b):
     """Integer division of known values (ONNX Div on ints truncates; dims are positive)."""
     if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
-        return int(np.trunc(a / b))
+        quotient = abs(int(a)) // abs(int(b))
+        return quotient if (a >= 0) == (b > 0) else -quotient
     return sympy.floor(sympy.sympify(a) / sympy.sympify(b))
 
 
@@ -210,8 +227,8 @@ class NodeContext:
             return val.ref
         arr = val.const
         if arr.dtype == object:
-            raise UnsupportedError(f"{self.where}: uses the shape-derived value {arr.tolist()} as tensor data; "
-                                   "slimgraph only evaluates shape computations at import time")
+            val.ref = self._symbolic_data(val)
+            return val.ref
         flat = arr.reshape(-1)
         if flat.size and np.all(flat == flat[0]) and (arr.dtype.kind in "fb" or abs(int(flat[0])) < 2 ** 53):
             val.ref = self.state.builder.add(
@@ -220,6 +237,30 @@ class NodeContext:
         else:
             val.ref = self.state.add_weight(f"{self.name}_const", np.ascontiguousarray(arr))
         return val.ref
+
+    def _symbolic_data(self, val: Val) -> str:
+        """Materialize a known tensor holding symbolic dims (``[T, 8]`` used as data, not as a shape)."""
+        pieces = [self._dim_scalar(v, val.dtype) for v in val.const.reshape(-1)]
+        if val.rank == 0:
+            return pieces[0]
+        flat = [self.state.builder.add(ops.RESHAPE, [p], {"shape": (1,)}, name="dim") for p in pieces]
+        joined = flat[0] if len(flat) == 1 else self.state.builder.add(ops.CONCAT, flat, {"axis": 0}, name="dims")
+        return self.state.builder.add(ops.RESHAPE, [joined], {"shape": val.shape}, name="dims")
+
+    def _dim_scalar(self, value, dtype: DType) -> str:
+        """A runtime scalar equal to a dim expression e: sum(ones[e]) (the IR has no op reading a
+        dim's value; passes fold this to a constant once e is static)."""
+        expr = sympy.sympify(value)
+        add = self.state.builder.add
+        if expr.is_number:
+            return add(ops.CONSTANT, (), {"value": float(expr), "dtype": dtype}, name="const")
+        sign = 1 if expr.is_nonnegative else -1 if (-expr).is_nonnegative else 0
+        if sign == 0:
+            raise UnsupportedError(f"{self.where}: cannot use the shape-derived value {expr} as tensor data")
+        ones = add(ops.CONSTANT, (), {"value": 1.0, "dtype": dtype, "shape": (as_dim(sign * expr, self.where),)},
+                   name="ones")
+        total = add(ops.SUM, [ones], {"axes": (0,)}, name="dim_value")
+        return total if sign > 0 else add(ops.NEG, [total], name="dim_value")
 
     def cast(self, val: Val, dtype: DType) -> Val:
         if val.dtype is dtype:

@@ -1,5 +1,5 @@
-"""ONNX converters for shapes and layout: Shape, Reshape, Transpose, (Un)Squeeze, Concat, Slice,
-Gather, Expand, Tile, Split, Pad, Trilu and the tensor sources (Constant, ConstantOfShape, Range).
+"""ONNX converters for shapes and layout: Shape, Size, Reshape, Flatten, Transpose, (Un)Squeeze,
+Concat, Slice, Gather(Elements/ND), Expand, Tile, Split and Pad.
 
 Shape values are known at import time (see :mod:`onnx_context`), so a reshape whose target comes
 from a ``Shape -> Gather -> Unsqueeze -> Concat`` subgraph becomes a static reshape with symbolic dims.
@@ -13,10 +13,10 @@ import sympy
 from slimgraph.compiler import ops
 from slimgraph.compiler.errors import ShapeMismatchError, UnsupportedError
 from slimgraph.compiler.frontends.onnx_context import (
-    FOLD_LIMIT, NodeContext, Val, converter, dims_array, normalize, to_dims,
+    NodeContext, Val, as_dim, converter, dims_array, normalize, small_static, to_dims,
 )
 from slimgraph.compiler.types import (
-    DType, TensorType, broadcast_shapes, canonical_dim, dim_add, dim_expr, dim_mul, dims_equal,
+    DType, broadcast_shapes, dim_add, dim_expr, dim_mul, dims_equal,
 )
 
 INT64_NEAR_MAX = 2 ** 62  # ONNX exporters write INT64_MAX (or similar) for "to the end"
@@ -41,19 +41,20 @@ def _reshape_target(ctx: NodeContext, x: Val, spec: np.ndarray) -> tuple:
     allow_zero = ctx.attr("allowzero", 0)
     dims: list = []
     for i, entry in enumerate(spec.reshape(-1)):
-        if isinstance(entry, (int, np.integer)) and entry == 0 and not allow_zero:
+        entry = sympy.sympify(int(entry) if isinstance(entry, np.integer) else entry)
+        if entry == 0 and not allow_zero:
             dims.append(x.shape[i])
-        elif isinstance(entry, (int, np.integer)) and entry == -1:
+        elif entry == -1:
             dims.append(None)
         else:
-            dims.append(canonical_dim(entry if not isinstance(entry, np.integer) else int(entry)))
+            dims.append(as_dim(entry, ctx.where))
     if None in dims:
         known = dim_mul(*[d for d in dims if d is not None]) if len(dims) > 1 else 1
         inferred = sympy.simplify(dim_expr(x.type.numel()) / dim_expr(known))
         if not inferred.is_integer:
             raise ShapeMismatchError(f"{ctx.where}: cannot reshape {x.type} to {spec.tolist()} "
                                      f"(-1 would be {inferred})")
-        dims[dims.index(None)] = canonical_dim(inferred)
+        dims[dims.index(None)] = as_dim(inferred, ctx.where)
     return tuple(dims)
 
 
@@ -84,8 +85,9 @@ def convert_transpose(ctx: NodeContext) -> Val:
 def convert_unsqueeze(ctx: NodeContext) -> Val:
     """Insert size-1 axes at `axes` (positions in the output)."""
     x = ctx.input(0)
-    out_rank = x.rank + len(ctx.axes(1))
-    axes = sorted(a % out_rank for a in ctx.axes(1))
+    axes = ctx.axes(1)
+    out_rank = x.rank + len(axes)
+    axes = sorted(a % out_rank for a in axes)
     shape = list(x.shape)
     for axis in axes:
         shape.insert(axis, 1)
@@ -116,26 +118,28 @@ def convert_concat(ctx: NodeContext) -> Val:
     return non_empty[0] if len(non_empty) == 1 else ctx.emit(ops.CONCAT, non_empty, {"axis": axis})
 
 
-def _clamp_bound(value, dim, step: int):
-    """Normalize an ONNX slice bound: negative counts from the end, then clamp to [0, dim]
-    (to [-1, dim-1] for negative steps). Symbolic bounds are taken as in range."""
-    value = int(value) if isinstance(value, (int, np.integer)) else canonical_dim(value)
+def _clamp_bound(value, dim, step: int, is_end: bool, where: str):
+    """Normalize an ONNX slice bound: negative counts from the end, then clamp to [0, dim]; for
+    negative steps start is clamped to [0, dim-1] and end to [-1, dim-1]. Symbolic bounds are
+    taken as in range."""
+    value = as_dim(value, where)
     if not isinstance(value, int):
         return value
+    low, high = (0, dim) if step > 0 else (-1 if is_end else 0, dim_add(dim, -1))
     if value >= INT64_NEAR_MAX:
-        return dim if step > 0 else dim_add(dim, -1)
+        return high
     if value < 0:
         value = dim_add(dim, value)
-    if isinstance(value, int) and value < 0:
-        return 0 if step > 0 else -1
-    if isinstance(value, int) and isinstance(dim, int):
-        return min(value, dim if step > 0 else dim - 1)
+    if isinstance(value, int) and value < low:
+        return low
+    if isinstance(value, int) and isinstance(high, int):
+        return min(value, high)
     return value
 
 
 def _slice_axis(ctx: NodeContext, x: Val, axis: int, start, end, step: int) -> Val:
     dim = x.shape[axis]
-    start, end = _clamp_bound(start, dim, step), _clamp_bound(end, dim, step)
+    start, end = _clamp_bound(start, dim, step, False, ctx.where), _clamp_bound(end, dim, step, True, ctx.where)
     if step > 0:
         if dims_equal(start, 0) and dims_equal(end, dim) and step == 1:
             return x
@@ -177,22 +181,39 @@ def convert_gather_elements(ctx: NodeContext) -> Val:
     return ctx.emit(ops.GATHER_ELEMENTS, [ctx.input(0), ctx.input(1)], {"axis": ctx.attr("axis", 0) % ctx.input(0).rank})
 
 
-def _small(shape) -> bool:
-    return all(isinstance(d, int) for d in shape) and int(np.prod(shape, dtype=np.int64)) <= FOLD_LIMIT
+@converter("GatherND")
+def convert_gather_nd(ctx: NodeContext) -> Val:
+    """out[p] = data[idx[p, 0], .., idx[p, K-1], ...] (batch_dims=0) as one take on data flattened
+    over its first K axes, with linear index sum_k idx_k * stride_k (negative indices wrap)."""
+    data, index = ctx.input(0), ctx.input(1)
+    if ctx.attr("batch_dims", 0):
+        raise UnsupportedError(f"{ctx.where}: GatherND with batch_dims > 0 is not supported")
+    depth = index.shape[-1]
+    if not isinstance(depth, int) or depth > data.rank:
+        raise ShapeMismatchError(f"{ctx.where}: index depth {depth} does not fit data {data.type}")
+    lead = data.shape[:depth]
+    strides = dims_array([dim_mul(1, *lead[k + 1:]) for k in range(depth)])
+    wrapped = ctx.emit(ops.WHERE, [
+        ctx.emit(ops.LT, [index, ctx.const(np.zeros((), np.int64))]),
+        ctx.emit(ops.ADD, [index, ctx.const(dims_array(lead), index.dtype)]), index])
+    linear = ctx.emit(ops.SUM, [ctx.emit(ops.MUL, [wrapped, ctx.const(strides, index.dtype)])],
+                      {"axes": (index.rank - 1,)})
+    flat = ctx.reshape(data, (dim_mul(1, *lead),) + tuple(data.shape[depth:]))
+    return ctx.emit(ops.TAKE, [flat, linear], {"axis": 0})
 
 
 @converter("Expand")
 def convert_expand(ctx: NodeContext) -> Val:
     """Bidirectional broadcast of x against the target shape."""
     x = ctx.input(0)
-    target = to_dims(ctx.known(1, "shape"))
+    target = to_dims(ctx.known(1, "shape"), ctx.where)
     try:
         shape = broadcast_shapes(x.shape, target)
     except ValueError as exc:
         raise ShapeMismatchError(f"{ctx.where}: {exc}") from None
     if shape == tuple(x.shape):
         return x
-    folded = ctx.fold(lambda a: np.broadcast_to(a, shape).copy(), x) if _small(shape) else None
+    folded = ctx.fold(lambda a: np.broadcast_to(a, shape).copy(), x) if small_static(shape) else None
     return folded or ctx.emit(ops.BROADCAST_TO, [x], {"shape": shape})
 
 
@@ -203,7 +224,7 @@ def convert_tile(ctx: NodeContext) -> Val:
     repeats = ctx.known_ints(1, "repeats")
     if all(r == 1 for r in repeats):
         return x
-    if _small(x.shape) and x.const is not None:
+    if small_static(x.shape) and x.const is not None:
         return ctx.const(np.tile(x.const, repeats), x.dtype)
     paired = tuple(d for dim in x.shape for d in (1, dim))
     spread = tuple(d for r, dim in zip(repeats, x.shape) for d in (r, dim))
@@ -248,69 +269,3 @@ def convert_pad(ctx: NodeContext) -> Val:
     for i, axis in enumerate(a % x.rank for a in axes):
         ir_pads[2 * axis], ir_pads[2 * axis + 1] = pads[i], pads[i + len(axes)]
     return ctx.emit(ops.PAD, [x], {"pads": tuple(ir_pads), "value": value})
-
-
-@converter("Trilu")
-def convert_trilu(ctx: NodeContext) -> Val:
-    """Keep x[..., i, j] where j - i >= k (upper) or j - i <= k (lower); zero elsewhere."""
-    x = ctx.input(0)
-    k = ctx.known_ints(1, "k")[0] if ctx.input(1) is not None else 0
-    upper = bool(ctx.attr("upper", 1))
-    folded = ctx.fold(lambda a: np.triu(a, k) if upper else np.tril(a, k), x)
-    if folded is not None:
-        return folded
-    rows = ctx.emit(ops.ARANGE, [], {"length": x.shape[-2]}, hint=f"{ctx.name}_rows")
-    cols = ctx.emit(ops.ARANGE, [], {"length": x.shape[-1]}, hint=f"{ctx.name}_cols")
-    offset = ctx.emit(ops.SUB, [ctx.reshape(cols, (1, x.shape[-1])), ctx.reshape(rows, (x.shape[-2], 1))])
-    keep = ctx.emit(ops.GE if upper else ops.LE, [offset, ctx.const(np.asarray(k, np.int64))])
-    return ctx.emit(ops.WHERE, [keep, x, ctx.const(np.zeros((), x.dtype.numpy))])
-
-
-# ----------------------------------------------------------------------------- sources
-@converter("Constant")
-def convert_constant(ctx: NodeContext) -> Val:
-    """A Constant node: a tensor or value_float(s)/value_int(s) attribute."""
-    table = {"value": None, "value_float": np.float32, "value_floats": np.float32,
-             "value_int": np.int64, "value_ints": np.int64}
-    for key, np_dtype in table.items():
-        value = ctx.attr(key)
-        if value is not None:
-            array = np.asarray(value, np_dtype) if np_dtype is not None else value
-            return _constant_val(ctx, array)
-    present = [a.name for a in ctx.node.attribute]
-    raise UnsupportedError(f"{ctx.where}: Constant with attribute(s) {present} is not supported")
-
-
-def _constant_val(ctx: NodeContext, array: np.ndarray) -> Val:
-    """Small constants stay known (foldable); large ones become weights named after the tensor."""
-    if array.size <= FOLD_LIMIT:
-        return ctx.const(array)
-    ref = ctx.state.add_weight(ctx.node.output[0], array)
-    return Val(TensorType(DType.from_numpy(array.dtype), array.shape), ref=ref)
-
-
-@converter("ConstantOfShape")
-def convert_constant_of_shape(ctx: NodeContext) -> Val:
-    """A tensor of the given (possibly symbolic) shape filled with `value` (default float32 0)."""
-    value = ctx.attr("value")
-    value = np.zeros((1,), np.float32) if value is None else value
-    shape = to_dims(ctx.known(0, "shape"))
-    if _small(shape):
-        return ctx.const(np.full(shape, value.reshape(-1)[0], value.dtype))
-    dtype = DType.from_numpy(value.dtype)
-    return ctx.emit(ops.CONSTANT, [], {"value": float(value.reshape(-1)[0]), "dtype": dtype, "shape": shape})
-
-
-@converter("Range")
-def convert_range(ctx: NodeContext) -> Val:
-    """start + delta * i for i < ceil((limit - start) / delta); the length may be symbolic."""
-    start, limit, delta = (ctx.known(i, name).reshape(-1)[0] for i, name in enumerate(("start", "limit", "delta")))
-    dtype = ctx.input(0).dtype
-    length = canonical_dim(sympy.ceiling((sympy.sympify(limit) - sympy.sympify(start)) / sympy.sympify(delta)))
-    length = max(length, 0) if isinstance(length, int) else length
-    if isinstance(length, int) and length <= FOLD_LIMIT:
-        return ctx.const(np.arange(length, dtype=np.int64) * delta + start, dtype)
-    if not all(isinstance(v, (int, float, np.number)) for v in (start, delta)):
-        raise UnsupportedError(f"{ctx.where}: Range start/delta must be static, got {start}, {delta}")
-    return ctx.emit(ops.ARANGE, [], {"length": length, "start": float(start), "step": float(delta), "dtype": dtype})
-

@@ -49,9 +49,13 @@ def resolve_external(tensor: onnx.TensorProto, model_dir: str, source: str) -> t
     if os.path.isabs(location) or location.startswith(("/", "\\")) or os.path.splitdrive(location)[0]:
         raise ExternalDataError(f"{where}: external data location {location!r} is an absolute path; "
                                 "it must be relative to the model's folder")
-    base = os.path.realpath(model_dir)
-    full = os.path.realpath(os.path.join(base, location))
-    if os.path.commonpath([base, full]) != base:
+    try:
+        base = os.path.realpath(model_dir)
+        full = os.path.realpath(os.path.join(base, location))
+        inside = os.path.commonpath([base, full]) == base
+    except (ValueError, OSError) as exc:  # NUL bytes, mixed drives, unreadable links
+        raise ExternalDataError(f"{where}: external data location {location!r} is invalid: {exc}") from None
+    if not inside:
         raise ExternalDataError(f"{where}: external data location {location!r} resolves to {full}, "
                                 f"outside the model folder {base}")
     if not os.path.isfile(full):

@@ -133,9 +133,16 @@ def _gather_elements_infer(inputs, attrs):
     return data.with_shape(index.shape)
 
 
+def _gather_elements_ref(ins, attrs, ctx):
+    """out[.., i, ..] = data[.., index[.., i, ..], ..] over index's shape (data may be larger off-axis)."""
+    data, index = ins
+    axis = attrs["axis"] % data.ndim
+    window = tuple(slice(None) if i == axis else slice(0, n) for i, n in enumerate(index.shape))
+    return np.take_along_axis(data[window], index, axis=axis)
+
+
 GATHER_ELEMENTS = register(OpDef(
-    "gather_elements", LAYOUT, _gather_elements_infer,
-    lambda ins, a, ctx: np.take_along_axis(ins[0], ins[1], axis=a["axis"]),
+    "gather_elements", LAYOUT, _gather_elements_infer, _gather_elements_ref,
     attrs=(AttrSpec("axis", AttrKind.INT, required=True),), arity=2,
 ))
 
