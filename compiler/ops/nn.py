@@ -54,8 +54,8 @@ def _conv2d_infer(inputs, attrs):
 def _conv2d_ref(ins, attrs, ctx):
     import torch
 
-    x, w = torch.from_numpy(np.ascontiguousarray(ins[0])), torch.from_numpy(np.ascontiguousarray(ins[1]))
-    b = torch.from_numpy(np.ascontiguousarray(ins[2])) if len(ins) > 2 else None
+    x, w = torch.from_numpy(np.array(ins[0])), torch.from_numpy(np.array(ins[1]))  # writable copies
+    b = torch.from_numpy(np.array(ins[2])) if len(ins) > 2 else None
     ph0, pw0, ph1, pw1 = attrs["padding"]
     x = torch.nn.functional.pad(x, (pw0, pw1, ph0, ph1))
     out = torch.nn.functional.conv2d(x, w, b, attrs["strides"], 0, attrs["dilation"], attrs["groups"])
@@ -85,7 +85,7 @@ def _pool_ref(kind):
     def ref(ins, attrs, ctx):
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(ins[0]))
+        x = torch.from_numpy(np.array(ins[0]))
         ph0, pw0, ph1, pw1 = attrs["padding"]
         fill = float("-inf") if kind == "max" else 0.0
         x = torch.nn.functional.pad(x, (pw0, pw1, ph0, ph1), value=fill)
