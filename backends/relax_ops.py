@@ -127,7 +127,7 @@ def _softmax(ctx, args):
 def _norm_param(ctx, args, index, shape, fill):
     if len(args) > index:
         return args[index]
-    return relax.const(np.full(shape, fill, dtype=ctx.node.type.dtype.numpy), TVM_DTYPES[ctx.node.type.dtype])
+    return ctx.emit(filled(ctx, shape, fill, ctx.node.type.dtype))
 
 
 @lowering(ops.LAYER_NORM)
@@ -179,7 +179,7 @@ def _slice(ctx, args):
 
 @lowering(ops.TAKE)
 def _take(ctx, args):
-    return R.take(args[0], args[1], axis=ctx.node.attr("axis"), mode="fast")
+    return R.take(args[0], args[1], axis=ctx.node.attr("axis"), mode="clip")
 
 
 @lowering(ops.GATHER_ELEMENTS)
@@ -195,10 +195,18 @@ def _pad(ctx, args):
 # ----------------------------------------------------------------------------- sources
 @lowering(ops.CONSTANT)
 def _constant(ctx, args):
+    """Built as zeros + scalar: fused functions, which become single TIR kernels, may not hold
+    tensor constants, and only scalars folded into an arithmetic op become immediates."""
     t = ctx.node.type
-    if t.is_static:
-        return relax.const(np.full(t.shape, ctx.node.attr("value"), dtype=t.dtype.numpy), TVM_DTYPES[t.dtype])
-    return R.full(ctx.out_shape(), const(ctx.node.attr("value"), t.dtype), TVM_DTYPES[t.dtype])
+    return filled(ctx, t.shape, ctx.node.attr("value"), t.dtype)
+
+
+def filled(ctx, shape, value, dtype: DType) -> relax.Expr:
+    """A tensor of one value, built as zeros + scalar so the scalar folds into the kernel."""
+    zeros = ctx.emit(R.zeros([ctx.prim(d) for d in shape], TVM_DTYPES[dtype]))
+    if dtype is DType.bool:
+        return R.not_equal(zeros, const(False, dtype)) if not value else R.equal(zeros, const(False, dtype))
+    return R.add(zeros, const(value, dtype))
 
 
 @lowering(ops.ARANGE)

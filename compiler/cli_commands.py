@@ -36,11 +36,11 @@ class RichProgress:
         if self.progress is None:
             return
         if kind in ("stage_start", "pass_start"):
-            key = payload.get("stage") or payload.get("name")
+            key = payload.get("stage") or payload.get("pass")
             label = payload.get("detail") or ""
             self.tasks[key] = self.progress.add_task(f"{kind.split('_')[0]} {key} {label}".strip(), total=1)
         elif kind in ("stage_end", "pass_end"):
-            key = payload.get("stage") or payload.get("name")
+            key = payload.get("stage") or payload.get("pass")
             if key in self.tasks:
                 self.progress.update(self.tasks[key], completed=1)
         elif kind == "print_after":

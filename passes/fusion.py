@@ -12,7 +12,8 @@ its root keeps the entry topologically ordered. Groups are built greedily in thr
    Then both take an *epilogue*: while the root has a single user that is elementwise and
    unclaimed, it joins and becomes the root (bias add, activation, residual add; ``silu(x@Wg) *
    (x@Wu)`` joins the gate matmul's group, taking the other matmul's result as an input). Scans
-   (cumsum) form groups of their own.
+   (cumsum) are never fused: TVM lowers them with its own scan kernels, which cannot be merged
+   into one TIR function when a dim is symbolic.
 2. **Injective chains**: remaining elementwise/layout ops, visited in reverse program order, join
    the group of their users when all users are in one anchor-free group; otherwise they start one.
 3. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
@@ -72,7 +73,7 @@ class Partitioner:
 
     def fusible(self, node: Node | None) -> bool:
         return (node is not None and node.name not in self.group_of and node.op.pure
-                and node.op.category not in (OpCategory.SOURCE, OpCategory.CALL))
+                and node.op.category not in (OpCategory.SOURCE, OpCategory.CALL) and node.op not in SCANS)
 
     def internal(self, name: str, members: set) -> bool:
         """``name`` is used only by ``members`` and is not a function output."""
@@ -108,9 +109,8 @@ class Partitioner:
                 continue
             group = Group(node, node.name)
             self.claim(group, node)
-            if node.op not in SCANS:
-                self.grow_prologue(group)
-                self.grow_epilogue(group)
+            self.grow_prologue(group)
+            self.grow_epilogue(group)
 
     def injective(self) -> None:
         for node in reversed(self.fn.nodes):

@@ -99,6 +99,9 @@ def build_pipeline(target: Target) -> tvm.transform.Pass:
 
     * Fusion is slimgraph's: TVM's ``FuseOps`` is not run; ``FuseTIR`` merges each of slimgraph's
       fused functions (marked ``Primitive``) into one kernel, and every other op stays its own kernel.
+    * TVM's ``FoldConstant`` is not run either: slimgraph folds constants in its own IR, and TVM's
+      would turn constant subexpressions inside fused functions into tensor constants, which
+      ``FuseTIR`` rejects.
     * The schedules of this package are applied to every kernel after ``FuseTIR``.
     ``_fastmath`` swaps float32 exp/sigmoid/erf/softmax/gelu for vectorizable polynomial forms
     (libm calls would serialize the vector loops).
@@ -112,7 +115,6 @@ def build_pipeline(target: Target) -> tvm.transform.Pass:
             _fastmath.fast_math_pass,
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
             relax.transform.FuseTIR(),
             schedule_pass(target),
         ]

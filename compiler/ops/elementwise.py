@@ -30,7 +30,9 @@ def _gelu(x, attrs, ctx):
 
 
 def _sigmoid(x):
-    return (1.0 / (1.0 + np.exp(-x))).astype(x.dtype)
+    from scipy.special import expit  # overflow-free 1 / (1 + exp(-x))
+
+    return expit(x).astype(x.dtype)
 
 
 def _unary(name, fn, *, attrs=(), doc=""):
