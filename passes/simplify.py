@@ -13,6 +13,7 @@ node's name) or None. Every rewrite preserves values exactly or within fp32 roun
   ``x``'s type (no broadcasting by the constant).
 * A transpose/reshape/cast of a weight is computed once at compile time: ``matmul(x,
   transpose(@W))`` becomes ``matmul(x, @W.T)`` with ``W.T`` a contiguous [in, out] array.
+* ``matmul(a[..., M, 1], b[..., 1, N]) = a * b`` (an outer product needs no reduction).
 * Normalizations written with primitives become single ops, and batch norm after a convolution
   is folded into its weights -- see :mod:`slimgraph.passes.norm_patterns`.
 
@@ -93,6 +94,15 @@ def pretransform_weight(ctx: Context, node: Node, inputs: tuple) -> str | None:
     return add_weight(ctx.rw.weights, hint, np.ascontiguousarray(result))
 
 
+def outer_product(ctx: Context, node: Node, inputs: tuple) -> str | None:
+    """``matmul(a[..., M, 1], b[..., 1, N])`` is the broadcasting product ``a * b`` (no reduction:
+    rotary embeddings compute ``inv_freq[:, None] @ positions[None, :]`` this way)."""
+    a, b = (ctx.rw.type_of(i) for i in inputs)
+    if a.rank < 2 or b.rank < 2 or a.shape[-1] != 1 or b.shape[-2] != 1:
+        return None
+    return ctx.rw.add(ops.MUL, inputs, name=node.name)
+
+
 # ----------------------------------------------------------------------------- neutral elements
 def _neutral(ctx: Context, node: Node, keep: str, other: str, value: float) -> str | None:
     if scalar_value(ctx.rw, other) == value and ctx.rw.type_of(keep) == node.type:
@@ -129,6 +139,7 @@ def _rules() -> dict:
         ops.ADD: (add_zero, norms.layer_norm_plus_bias),
         ops.SUB: (sub_zero,),
         ops.BATCH_NORM: (norms.fold_batch_norm,),
+        ops.MATMUL: (outer_product,),
     }
 
 

@@ -254,3 +254,20 @@ def test_entries_share_fused_functions():
     calls = lambda name: [n.callee for n in fused.functions[name].nodes if n.op is ops.CALL]  # noqa: E731
     assert calls("main") == calls("decode")
     assert_same_outputs(both, fused)
+
+
+def test_simplify_turns_outer_product_matmul_into_mul():
+    from slimgraph.compiler.ir import FunctionBuilder
+
+    b = FunctionBuilder("main", {})
+    a = b.param("a", TensorType(DType.f32, (1, 32, 1)))
+    p = b.param("p", TensorType(DType.f32, (1, 1, "T")))
+    b.output(b.add(ops.MATMUL, [a, p]))
+    module = Module({"main": b.build()}, {})
+    result, changed, stats = get_pass("simplify").run(module)
+    assert changed and stats == {"outer_product": 1}
+    assert [n.op for n in result.main.nodes] == [ops.MUL]
+    rng = np.random.default_rng(0)
+    inputs = {"a": rng.standard_normal((1, 32, 1)).astype(np.float32),
+              "p": rng.standard_normal((1, 1, 5)).astype(np.float32)}
+    np.testing.assert_allclose(interpreter.run(result, inputs)[0], interpreter.run(module, inputs)[0], rtol=1e-6)
