@@ -202,10 +202,14 @@ def _constant(ctx, args):
 
 
 def filled(ctx, shape, value, dtype: DType) -> relax.Expr:
-    """A tensor of one value, built as zeros + scalar so the scalar folds into the kernel."""
-    zeros = ctx.emit(R.zeros([ctx.prim(d) for d in shape], TVM_DTYPES[dtype]))
+    """A tensor of one value, built as zeros + scalar so the scalar folds into the kernel
+    (bool tensors as a comparison of int32 zeros: LLVM has no arithmetic on i1)."""
+    dims = [ctx.prim(d) for d in shape]
     if dtype is DType.bool:
-        return R.not_equal(zeros, const(False, dtype)) if not value else R.equal(zeros, const(False, dtype))
+        zeros = ctx.emit(R.zeros(dims, "int32"))
+        compare = R.equal if value else R.not_equal
+        return compare(zeros, const(0, DType.i32))
+    zeros = ctx.emit(R.zeros(dims, TVM_DTYPES[dtype]))
     return R.add(zeros, const(value, dtype))
 
 

@@ -114,3 +114,19 @@ def test_op_matches_reference(op, types, attrs):
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+def test_bool_constant_tensor():
+    from slimgraph.backends.build import build_executable
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.targets import resolve_target
+
+    for value in (True, False):
+        b = FunctionBuilder("main", {})
+        x = b.param("x", TensorType(BOOL, ("T",)))
+        c = b.add(ops.CONSTANT, [], {"value": float(value), "dtype": BOOL, "shape": ("T",)})
+        b.output(b.add(ops.LOGICAL_AND, [x, c]))
+        vm = tvm.relax.VirtualMachine(build_executable(lower_to_relax(Module({"main": b.build()}, {})),
+                                                       resolve_target("x86")), tvm.cpu())
+        arg = np.array([True, False, True])
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(arg)).numpy(), arg & value)
