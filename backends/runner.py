@@ -44,7 +44,7 @@ class EntryPoint:
         if len(args) != len(self.input_names):
             raise RuntimeInputError(f"@{self.name} takes {len(self.input_names)} input(s) {self.input_names}, "
                                     f"got {len(args)}")
-        return [np.ascontiguousarray(a) for a in args]
+        return [np.asarray(a, order="C") for a in args]
 
     def check(self, arrays: list[np.ndarray]) -> dict[str, int]:
         """Validate dtypes and shapes; returns the bound symbolic dims."""
@@ -96,7 +96,7 @@ class CompiledModel:
         library = tvm.runtime.load_module(str(info.library))
         self.vm = tvm.relax.VirtualMachine(library, self.device)
         arrays = read_safetensors(info.weights)
-        self.weight_tensors = {name: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
+        self.weight_tensors = {name: tvm.runtime.tensor(np.asarray(a, order="C"), self.device)
                                for name, a in arrays.items()}
         self.entries = {name: EntryPoint(self, name, sig) for name, sig in self.manifest["entries"].items()}
         self.main = next(iter(self.entries.values()))

@@ -60,7 +60,7 @@ class Weight:
     def digest(self) -> str:
         """Short content hash (first 12 hex digits of blake2b) shown by the printer."""
         if self._digest is None:
-            data = np.ascontiguousarray(self._array)
+            data = np.asarray(self._array, order="C")
             h = hashlib.blake2b(digest_size=16)
             h.update(str(self.type).encode())
             h.update(memoryview(data.reshape(-1).view(np.uint8)))

@@ -50,7 +50,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 def write_safetensors(arrays: dict[str, np.ndarray], path: str | Path) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}, str(path))
+    save_file({k: np.asarray(v, order="C") for k, v in sorted(arrays.items())}, str(path))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

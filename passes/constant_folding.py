@@ -140,7 +140,7 @@ class _Folder:
                    name=node.name)
             self.stats["constants_created"] += 1
             return
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         hint = self.origin.get(node.name) or f"fold.{Weight(array).digest[:8]}"
         before = len(self.weights)
         ref = add_weight(self.weights, hint, array)

@@ -91,7 +91,7 @@ def pretransform_weight(ctx: Context, node: Node, inputs: tuple) -> str | None:
         return None
     result = node.op.reference([array], node.attrs, RefContext(node.type.shape, node.type.dtype, {}))
     hint = f"{inputs[0][1:]}.{weight_suffix(node)}"
-    return add_weight(ctx.rw.weights, hint, np.ascontiguousarray(result))
+    return add_weight(ctx.rw.weights, hint, np.asarray(result, order="C"))
 
 
 def outer_product(ctx: Context, node: Node, inputs: tuple) -> str | None:

@@ -23,11 +23,13 @@ def mlp_module():
     rng = np.random.default_rng(1)
     weights = {"fc1.weight": Weight(rng.standard_normal((32, 16)).astype(np.float32)),
                "fc1.bias": Weight(rng.standard_normal(32).astype(np.float32)),
-               "fc2.weight": Weight(rng.standard_normal((4, 32)).astype(np.float32))}
+               "fc2.weight": Weight(rng.standard_normal((4, 32)).astype(np.float32)),
+               "scale": Weight(np.asarray(0.5, np.float32))}  # a rank-0 weight must stay rank 0
     b = FunctionBuilder("main", weights)
     x = b.param("x", TensorType(DType.f32, ("B", 16)))
     h = b.add(ops.MATMUL, [x, b.add(ops.TRANSPOSE, ["@fc1.weight"], {"perm": (1, 0)})])
     h = b.add(ops.RELU, [b.add(ops.ADD, [h, "@fc1.bias"])])
+    h = b.add(ops.MUL, [h, "@scale"])
     b.output(b.add(ops.MATMUL, [h, b.add(ops.TRANSPOSE, ["@fc2.weight"], {"perm": (1, 0)})]))
     return Module({"main": b.build()}, weights)
 

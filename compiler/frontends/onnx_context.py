@@ -235,7 +235,7 @@ class NodeContext:
                 ops.CONSTANT, (), {"value": float(flat[0]), "dtype": val.dtype, "shape": arr.shape},
                 name="const")
         else:
-            val.ref = self.state.add_weight(f"{self.name}_const", np.ascontiguousarray(arr))
+            val.ref = self.state.add_weight(f"{self.name}_const", np.asarray(arr, order="C"))
         return val.ref
 
     def _symbolic_data(self, val: Val) -> str:
