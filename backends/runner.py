@@ -7,6 +7,7 @@ input's dtype and shape (symbolic dims must agree across inputs) and return nump
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -86,7 +87,8 @@ class EntryPoint:
 class CompiledModel:
     """A loaded artifact. Call it like its first entry function; other entries by attribute/index."""
 
-    def __init__(self, path: str | Path, *, verify_hashes: bool = True):
+    def __init__(self, path: str | Path, *, verify_hashes: bool = True, threads: int | None = None):
+        use_threads(threads)
         info = open_artifact(path, verify_hashes=verify_hashes)
         self.path = info.path
         self.manifest = info.manifest
@@ -114,6 +116,15 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.main(*args, **kwargs)
+
+
+def use_threads(threads: int | None) -> None:
+    """TVM's thread pool assumes half the CPUs are hyperthreads and would use 1 of 2 cores here;
+    default to every CPU this process may run on (TVM_NUM_THREADS set by the user wins)."""
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def load_artifact(path: str | Path, **kwargs) -> CompiledModel:

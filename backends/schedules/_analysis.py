@@ -52,6 +52,12 @@ def const_extent(expr) -> int | None:
     return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
+def divisible(extent, factor: int) -> bool:
+    """True when the extent is a constant multiple of ``factor``."""
+    value = const_extent(extent)
+    return value is not None and value % factor == 0
+
+
 def _strip_cast(expr):
     while isinstance(expr, tirx.Cast):
         expr = expr.value

@@ -2,13 +2,21 @@
 
 GEMM tiling (``C[b, i, j] = sum_k A[b, i, k] * B[b, k, j]``, then epilogue)::
 
-    parallel  b, jo              # panels of NB output columns, per batch
+    Ap = pad(A)                  # rows zero-padded to a multiple of MR (x row parts)
+    parallel  b, ip, jo          # batch x row parts x panels of NB output columns
       Bp[K, NB] = pack(B)        # contiguous panel; transposes an x @ W^T weight
-      for io                     # MR rows of A at a time (symbolic M: predicated)
+      for io                     # MR rows of Ap at a time (never a partial tile)
         for jm                   # NB / NR micro tiles
           Cl[MR, NR] = 0         # accumulators: MR x NR/lanes vector registers
-          for k: for ii (unrolled): for ji (vector): Cl += A[i, k] * Bp[k, j]
-          C[..] = epilogue(Cl)   # bias / activation / gating fused here
+          for k: for ii (unrolled): for ji (vector): Cl += Ap[i, k] * Bp[k, j]
+          C[..] = epilogue(Cl)   # bias / activation / gating; only real rows stored
+
+Padding (``pad_einsum``) makes the micro kernel unconditional for a symbolic
+row count T (and a symbolic N, e.g. ``q @ k^T``): only the epilogue checks
+``i < T``. The copy costs K x T loads, against K x T x N FMAs. Row parts split
+the rows over the cores when the panels alone would not balance (9 panels of
+N=576 on 2 cores); with a symbolic T the panels are narrowed instead.
+A ``B[k, j]`` that is exactly one panel wide (``P @ V``) is read in place.
 
 GEMV (M == 1) has nothing to reuse, so B is streamed once: with ``W[j, k]``
 (k contiguous) each output is a dot product, vectorized over k through
@@ -19,12 +27,14 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
-from ._analysis import Contraction, analyze_contraction, const_extent, is_reduction, root_blocks
+from ._generic import parallel_vectorize
+from ._analysis import Contraction, analyze_contraction, const_extent, divisible, is_reduction, root_blocks
 
 MR = 4  # rows of A per micro tile
 NR_VECTORS = 4  # vector registers per accumulator row (MR x NR_VECTORS accumulators)
 PANEL_TILES = 1  # micro tiles per packed B panel
 GEMV_ROWS = 4  # outputs per GEMV work item
+MIN_DEPTH = 4  # shorter (or symbolic) reductions, e.g. an outer product, use the generic schedules
 
 
 def find_contraction(sch: Schedule) -> tuple[SBlockRV, Contraction] | None:
@@ -74,55 +84,158 @@ def _pick_tiles(n: int | None, lanes: int) -> tuple[int, int]:
     """(NR, NB): micro-tile width and packed panel width for N columns.
 
     NR is a power-of-two number of vectors (odd vector counts such as 3 x 16
-    made LLVM emit 10x slower code) that divides N when possible."""
+    made LLVM emit 10x slower code) that divides N when possible; a symbolic N
+    is padded to a multiple of NR."""
     nr = lanes * NR_VECTORS
     while n is not None and nr > lanes and n % nr != 0:
         nr //= 2
     if n is not None and n <= nr:
         return n, n
     nb = nr * PANEL_TILES
-    if n is not None and n % nb != 0:
+    if n is None or n % nb != 0:
         nb = nr
     return nr, nb
 
 
-def schedule_gemm(sch: Schedule, lanes: int) -> None:
+def _pad_rows_cols(sch: Schedule, mm: SBlockRV, info: Contraction, nr: int, row_multiple: int) -> bool:
+    """Pad the matmul's iteration domain so that every micro tile is full.
+
+    Rows (symbolic T, or not a multiple of ``row_multiple`` = MR x row parts) are padded and
+    a symbolic column count to a multiple of NR: ``pad_einsum`` copies A (and a
+    B indexed by the padded column) into zero-padded buffers and makes the
+    matmul write a padded result, so the micro kernel has no bounds checks; only
+    the epilogue, which stores the real rows, keeps a row predicate. Returns
+    whether it padded (False also when the block is not an einsum: its tiles
+    are then predicated)."""
+    iters = sch.get(mm).iter_vars
+    padding = [1] * len(iters)
+    if info.i is not None and not divisible(iters[info.i].dom.extent, row_multiple):
+        padding[info.i] = row_multiple
+    if not divisible(iters[info.j].dom.extent, nr):
+        padding[info.j] = nr
+    if all(p == 1 for p in padding):
+        return False
+    try:
+        sch.pad_einsum(mm, padding)
+    except Exception:  # pylint: disable=broad-except
+        return False
+    return True
+
+
+def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     """Apply the packed, register-blocked GEMM schedule described above."""
     mm, info = find_contraction(sch)
+    depth = const_extent(sch.get(mm).iter_vars[info.k].dom.extent)
+    if depth is None or depth < MIN_DEPTH:
+        raise ValueError(f"reduction depth {depth} too short or symbolic for the register-blocked GEMM")
     epi = _inline_around(sch, mm)
-    if epi is None or not _epilogue_matches(sch, epi, mm):
-        epi = sch.cache_write(mm, 0, "global")
-    sch.set_scope(mm, 0, "local")
-    loops = sch.get_loops(epi)
-    n = const_extent(sch.get(loops[-1]).extent)
+    n = const_extent(sch.get(mm).iter_vars[info.j].dom.extent)
     nr, nb = _pick_tiles(n, lanes)
-    jo, jm, ji = sch.split(loops[-1], [None, nb // nr, nr])
-    io, ii = sch.split(loops[-2], [None, MR])
-    sch.reorder(*loops[:-2], jo, io, jm, ii, ji)
-    par = sch.fuse(*loops[:-2], jo)
-    sch.compute_at(mm, jm, preserve_unit_loops=True)
-    _pack_b(sch, mm, info, par)
+    parts = _row_parts(sch, mm, info, n, nb, cores)
+    if parts == 1 and _tasks(sch, mm, info, n, nb) % cores and nb == nr and nr // 2 >= lanes:
+        nr = nb = nr // 2  # rows not split (symbolic or few): balance with narrower panels
+    padded = _pad_rows_cols(sch, mm, info, nr, MR * parts)
+    epi = _tile_epilogue(sch, mm, epi, padded, lanes)
+    sch.set_scope(mm, 0, "local")
+    loops = sch.get_loops(mm)
+    spatial = [loops[p] for p in info.batch]
+    jo, jm, ji = sch.split(loops[info.j], [None, nb // nr, nr])
+    outer, rows = [], []
+    if info.i is not None:
+        io, ii = sch.split(loops[info.i], [None, MR])
+        ip, io = sch.split(io, [parts, None])
+        outer, rows = [ip], [io]
+    k = loops[info.k]
+    sch.reorder(*spatial, *outer, jo, *rows, jm, k, *([ii] if rows else []), ji)
+    par = sch.fuse(*spatial, *outer, jo)
+    sch.reverse_compute_at(epi, jm, preserve_unit_loops=True)
+    pads = list(sch.get_producers(mm))
+    _pack_b(sch, mm, info, par, nb)
+    _schedule_pad_copies(sch, pads, lanes)
     sch.parallel(par)
-    _vectorize_tile(sch, ii, ji)
-    _micro_kernel(sch, mm)
+    _vectorize_epilogue(sch, epi, lanes)
+    if rows:
+        sch.unroll(ii)
+    sch.vectorize(ji)
+    sch.decompose_reduction(mm, k)
 
 
-def _micro_kernel(sch: Schedule, mm: SBlockRV) -> None:
-    """k outermost inside the tile, rows unrolled, columns vectorized."""
-    mi, mj, mk = sch.get_loops(mm)[-3:]
-    sch.reorder(mk, mi, mj)
-    _vectorize_tile(sch, mi, mj)
-    sch.decompose_reduction(mm, mk)
+def _row_parts(sch: Schedule, mm: SBlockRV, info: Contraction, n: int | None, nb: int, cores: int) -> int:
+    """Row blocks per parallel task: 1, or ``cores`` when the (batch x panel)
+    tasks would not spread evenly over the cores (e.g. 9 panels of N=576 on 2
+    cores); the B panel is then packed once per row part. Only for a static
+    row count of at least 4 tiles per core (with a symbolic one TVM cannot
+    prove the split exact and would predicate the micro kernel)."""
+    rows = None if info.i is None else const_extent(sch.get(mm).iter_vars[info.i].dom.extent)
+    if rows is None or rows < 4 * MR * cores or cores <= 1:
+        return 1
+    return 1 if _tasks(sch, mm, info, n, nb) % cores == 0 else cores
 
 
-def _vectorize_tile(sch: Schedule, rows, cols) -> None:
-    sch.unroll(rows)
-    sch.vectorize(cols)
+def _tasks(sch: Schedule, mm: SBlockRV, info: Contraction, n: int | None, nb: int) -> int:
+    """Parallel tasks of one row part: batch x column panels (0 when unknown)."""
+    if n is None:
+        return 0
+    tasks = -(-n // nb)
+    for pos in info.batch:
+        extent = const_extent(sch.get(mm).iter_vars[pos].dom.extent)
+        if extent is None:
+            return 0
+        tasks *= extent
+    return tasks
 
 
-def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par) -> None:
+def _tile_epilogue(sch: Schedule, mm: SBlockRV, epi: SBlockRV | None, padded: bool, lanes: int) -> SBlockRV:
+    """The block that stores each finished micro tile.
+
+    The matmul result only lives in registers, so some block must read it at
+    the matmul's own indices: the fused epilogue when it matches, else a plain
+    copy (``pad_einsum``'s un-padding copy, or a ``cache_write``). An epilogue
+    that does not match (e.g. a reshape) then runs as its own loop nest."""
+    store = sch.get_consumers(mm)[0] if padded else None
+    producer = store if padded else mm
+    if epi is not None and _epilogue_matches(sch, epi, producer):
+        if padded:
+            sch.compute_inline(store)
+        return epi
+    if store is None:
+        store = sch.cache_write(mm, 0, "global")
+    if epi is not None:
+        parallel_vectorize(sch, sch.get_loops(epi), lanes)
+    return store
+
+
+def _vectorize_epilogue(sch: Schedule, epi: SBlockRV, lanes: int) -> None:
+    """The epilogue loops under the tile are (.., rows, columns): unroll rows,
+    vectorize columns."""
+    loops = sch.get_loops(epi)
+    if len(loops) >= 2:
+        sch.unroll(loops[-2])
+    sch.vectorize(loops[-1])
+
+
+def _schedule_pad_copies(sch: Schedule, pads: list, lanes: int) -> None:
+    """The zero-padded operand copies made by ``pad_einsum``: parallel rows; the
+    row is split into vectors when its length is a known multiple of the lanes
+    (a symbolic row is left to LLVM, a predicated vector loop would be scalar)."""
+    for block in pads:
+        loops = sch.get_loops(block)
+        if len(loops) < 2:
+            continue
+        sch.parallel(sch.fuse(*loops[:-1]))
+        if divisible(sch.get(loops[-1]).extent, lanes):
+            _, inner = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(inner)
+
+
+def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> None:
     """Copy the B panel of this parallel iteration into a contiguous [K, NB]
-    buffer (transposing ``W[j, k]``), so the micro kernel streams it linearly."""
+    buffer (transposing ``W[j, k]``), so the micro kernel streams it linearly.
+    A ``B[k, j]`` whose rows are exactly one panel wide (e.g. ``P @ V`` with
+    V's 64 columns) is already laid out that way and is read in place."""
+    n = const_extent(sch.get(mm).iter_vars[info.j].dom.extent)
+    if not info.b_k_contiguous and n == nb:
+        return
     bp = sch.cache_read(mm, info.b_index, "global")
     sch.compute_at(bp, par, preserve_unit_loops=True)
     if info.b_k_contiguous:

@@ -7,8 +7,10 @@ a deterministic hand-written schedule chosen from its block structure:
 * GEMV (one output row): parallel over outputs, k vectorized (``_matmul``);
 * GEMM / batch GEMM with fused prologue and epilogue: packed B panels and a
   register-blocked micro kernel (``_matmul``);
-* row reductions (softmax, layer norm, RMS norm, mean/sum): parallel rows,
-  vectorized element-wise stages (``_generic``);
+* row kernels (softmax, layer norm, RMS norm): parallel rows, reductions as
+  vector partial sums (``_generic``);
+* other reductions (mean/sum over other axes ...): DLight's CPU rule, parallel
+  rows, vectorized element-wise stages (``_generic``);
 * injective kernels (element-wise, broadcast, transpose, reshape, concat,
   take): parallel x vectorized fused loops (``_generic``);
 * anything else: parallel leading spatial loops (``_generic``).
@@ -34,6 +36,11 @@ def _vector_lanes(target: Target, bits: int = 32) -> int:
     return max(width, 128) // bits
 
 
+def _num_cores(target: Target) -> int:
+    """Cores the kernels are built for (the target's ``num-cores``, default 1)."""
+    return int(target.attrs.get("num-cores", 1))
+
+
 def _rules(target: Target, lanes: int):
     """Candidate schedules, most specific first. Each mutates a Schedule and
     may return a replacement Schedule."""
@@ -45,7 +52,8 @@ def _rules(target: Target, lanes: int):
 
     return [
         ("gemv", gemv),
-        ("gemm", lambda sch: _matmul.schedule_gemm(sch, lanes)),
+        ("gemm", lambda sch: _matmul.schedule_gemm(sch, lanes, _num_cores(target))),
+        ("rows", lambda sch: _generic.schedule_rows(sch, lanes)),
         ("row_reduction", lambda sch: _generic.schedule_row_reduction(sch, target)),
         ("injective", lambda sch: _generic.schedule_injective(sch, lanes)),
         ("fallback", lambda sch: _generic.schedule_fallback(sch, lanes)),
@@ -94,6 +102,22 @@ def schedule_pass(target: Target) -> tvm.transform.Pass:
     return _pass
 
 
+@tvm.transform.module_pass(opt_level=0, name="SlimgraphMarkNoAlias")
+def mark_all_noalias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Give every PrimFunc ``tirx.noalias``, including the VM's ``shape_func``.
+
+    Works around TVM 0.27's LLVM codegen, where the alphabetically last PrimFunc's ``tirx.noalias``
+    decides aliasing for every kernel of the module: when the VM's shape function (which has no
+    such attribute) sorts last, LLVM must assume buffers alias and spills the GEMM accumulators on
+    every k step (2-2.5x slower matmuls in modules with a symbolic dim). Shape functions write
+    only their own buffer, so the attribute is true for them too.
+    """
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.noalias", False):
+            mod[gvar] = func.with_attr("tirx.noalias", True)
+    return mod
+
+
 def build_pipeline(target: Target) -> tvm.transform.Pass:
     """The Relax pipeline of ``relax.get_default_pipeline`` for llvm, with two changes.
 
@@ -120,6 +144,7 @@ def build_pipeline(target: Target) -> tvm.transform.Pass:
         ]
         + cpu_pipeline.dataflow_lower_passes(target)
         + cpu_pipeline.finalize_passes(target)
+        + [mark_all_noalias]
     )
 
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphCPUPipeline")
