@@ -78,22 +78,50 @@ def read_config(folder: Path) -> dict:
         raise ModelLoadError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
-def _check_safetensors(folder: Path) -> None:
-    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        extra = f" (found {', '.join(found)}; pickle checkpoints are not loaded)" if found else ""
-        raise ModelLoadError(f"{folder}: no *.safetensors weights{extra}",
-                             hint="convert the checkpoint with `model.save_pretrained(dir, safe_serialization=True)`")
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+
+
+def _pickle_checkpoint(folder: Path) -> Path:
+    """The folder's single PyTorch checkpoint (pytorch_model.bin, *.pt, *.pth), if it has no safetensors."""
+    found = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if len(found) != 1:
+        listed = f" (found {', '.join(p.name for p in found)})" if found else ""
+        raise ModelLoadError(f"{folder}: no *.safetensors weights and no single PyTorch checkpoint{listed}",
+                             hint="convert with `model.save_pretrained(dir, safe_serialization=True)`")
+    return found[0]
+
+
+def _from_pickle_checkpoint(auto, folder: Path) -> torch.nn.Module:
+    """Build the model from config.json and load a state dict read with ``weights_only=True``."""
+    from transformers import AutoConfig
+
+    checkpoint = _pickle_checkpoint(folder)
+    state = load_torch_checkpoint(checkpoint)
+    model = auto.from_config(AutoConfig.from_pretrained(folder), attn_implementation="sdpa", dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    params = model.state_dict()
+    loaded = {params[name].data_ptr() for name in state if name in params}
+    missing = [m for m in missing if params[m].data_ptr() not in loaded]  # tied copies are loaded
+    if missing or unexpected:
+        raise ModelLoadError(f"{checkpoint}: state dict does not match config.json "
+                             f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
+    return model
 
 
 def load_hf_model(path) -> torch.nn.Module:
-    """Instantiate the folder's model in float32 eval mode (AutoModelForCausalLM or AutoModel)."""
+    """Instantiate the folder's model in float32 eval mode (AutoModelForCausalLM or AutoModel).
+
+    Weights come from safetensors; a folder with only a PyTorch checkpoint is read with
+    ``torch.load(weights_only=True)``, which refuses pickled code (UnsafeCheckpointError)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     folder = Path(path)
     config = read_config(folder)
-    _check_safetensors(folder)
     auto = AutoModelForCausalLM if is_causal_config(config) else AutoModel
+    if not _has_safetensors(folder):
+        return _from_pickle_checkpoint(auto, folder).eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
