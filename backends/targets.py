@@ -52,11 +52,12 @@ def host_cpu() -> str:
 
 
 def _cpu_is_known(mcpu: str) -> bool:
-    try:
-        tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-    except Exception:  # TVM raises its own error types for unknown CPUs
-        return False
-    return True
+    return bool(tvm.target.codegen.llvm_is_valid_cpu(mcpu, "x86_64-linux-gnu"))
+
+
+def cpu_features(mcpu: str) -> set[str]:
+    """LLVM's feature set of a CPU model (avx512f, fma, ...)."""
+    return set(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
 
 
 @register_target("x86")
@@ -76,7 +77,14 @@ def resolve_target(name: str, mcpu: str | None = None) -> TargetSpec:
 
 
 def check_runnable_here(spec: TargetSpec, artifact: str) -> None:
-    """Refuse an artifact built for another architecture than this machine's."""
+    """Refuse an artifact built for another architecture, or for CPU features this CPU lacks
+    (running AVX-512 code on an AVX2-only CPU would die with an illegal instruction)."""
     machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
     if spec.arch != machine:
         raise TargetError(f"{artifact}: built for {spec.name} ({spec.arch}), but this machine is {machine}")
+    if spec.kind == "llvm" and spec.mcpu != host_cpu():
+        missing = sorted(cpu_features(spec.mcpu) - cpu_features(host_cpu()))
+        if missing:
+            raise TargetError(f"{artifact}: built for CPU {spec.mcpu}, whose features {', '.join(missing[:6])}"
+                              f"{' ...' if len(missing) > 6 else ''} this CPU ({host_cpu()}) lacks",
+                              hint=f"recompile with --mcpu {host_cpu()} (or an older CPU model)")

@@ -98,3 +98,26 @@ def test_failed_compile_leaves_nothing(tmp_path):
     with pytest.raises(UnsupportedOpsError, match="exotic_test_op: 2 node"):
         compile_model(Module({"main": b.build()}, {}), out, CompileOptions(passes=("dce",)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_target_checked_before_loading(artifact, tmp_path):
+    """An artifact built for CPU features this machine lacks is refused before its library loads."""
+    import shutil
+
+    from slimgraph.backends.artifact import seal_manifest
+    from slimgraph.backends.targets import cpu_features, host_cpu
+    from slimgraph.compiler.errors import TargetError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    richer = next(cpu for cpu in ("sapphirerapids", "znver5", "graniterapids", "diamondrapids")
+                  if cpu_features(cpu) - cpu_features(host_cpu()))
+    manifest["target"]["mcpu"] = richer
+    seal_manifest(copy, {k: v for k, v in manifest.items() if k not in ("files", "format", "format_version")})
+    with pytest.raises(TargetError, match=f"built for CPU {richer}"):
+        slimgraph.load(copy)
+    manifest["target"]["arch"] = "aarch64"
+    seal_manifest(copy, {k: v for k, v in manifest.items() if k not in ("files", "format", "format_version")})
+    with pytest.raises(TargetError, match="aarch64"):
+        slimgraph.load(copy)
