@@ -192,8 +192,10 @@ def test_hf_folder_errors(tmp_path):
     with pytest.raises(ModelLoadError, match=r"config\.json.*line 1"):
         import_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights and no single PyTorch checkpoint"):
+        import_hf_folder(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="no \\*.safetensors.*pytorch_model.bin"):
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin: not a readable PyTorch checkpoint"):
         import_hf_folder(tmp_path)
 
 

@@ -178,7 +178,8 @@ def load_torch_checkpoint(path) -> dict:
             + (f": {reason}" if reason else ""),
             hint="re-save only the state dict (torch.save(model.state_dict(), path)) or use safetensors") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint: {reason}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
