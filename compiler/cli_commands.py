@@ -44,7 +44,7 @@ class RichProgress:
             if key in self.tasks:
                 self.progress.update(self.tasks[key], completed=1)
         elif kind == "print_after":
-            self.progress.console.print(payload.get("text", ""), highlight=False, markup=False)
+            self.progress.console.print(payload.get("text", ""), highlight=False, markup=False, soft_wrap=True)
 
 
 def run_compile(*, model, output, target, mcpu, passes, shape, dump_ir, print_after, verify, schedule, force,
