@@ -15,7 +15,7 @@ import networkx as nx
 from slimgraph.compiler.graphview import to_networkx
 from slimgraph.compiler.ir import Module
 
-ROW_H, COL_W, BOX_W, LINE_H = 70, 190, 170, 14
+ROW_H, COL_W, BOX_W, LINE_H = 70, 230, 210, 14
 COLORS = {"contraction": "#f4a261", "normalization": "#8ecae6", "reduction": "#90be6d", "elementwise": "#e9ecef",
           "layout": "#cdb4db", "source": "#ffe5a3", "param": "#b7e4c7", "weight": "#f1faee"}
 

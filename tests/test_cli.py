@@ -104,3 +104,21 @@ def test_garbage_onnx_is_bad_input(tmp_path):
     assert proc.returncode == 3
     assert str(bad) in json.loads(proc.stdout)["error"]["message"]
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bad.onnx"]
+
+
+def test_html_renders_in_a_browser(tmp_path):
+    """The --html page draws in headless Chromium (skipped where no Chromium is installed)."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine")
+    page = tmp_path / "g.html"
+    assert slimgraph("inspect", "tiny-llama", "--optimize", "--html", page).returncode == 0
+    shot = tmp_path / "g.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                    page.as_uri()], capture_output=True, timeout=120)
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000  # a drawn page, not a blank one
