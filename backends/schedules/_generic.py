@@ -52,6 +52,11 @@ def parallel_vectorize(sch: Schedule, loops, lanes: int) -> None:
     """Fuse ``loops`` (all spatial) and split them into parallel x vector."""
     if not loops:
         return
+    if len(loops) > 1 and _symbolic_rows(sch, loops, lanes):
+        sch.parallel(sch.fuse(*loops[:-1]))
+        _, inner = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(inner)
+        return
     fused = sch.fuse(*loops)
     total = const_extent(sch.get(fused).extent)
     if total is not None and total <= lanes:
@@ -61,6 +66,14 @@ def parallel_vectorize(sch: Schedule, loops, lanes: int) -> None:
     if total is None or total >= MIN_PARALLEL:
         sch.parallel(outer)
     sch.vectorize(inner)
+
+
+def _symbolic_rows(sch: Schedule, loops, lanes: int) -> bool:
+    """A symbolic number of rows of a static, vector-aligned length (e.g. ``[1, 9, T, 64]``):
+    the loops are then not fused across the row, whose flat index would be split back
+    with divisions by the symbolic extent for every element."""
+    extents = [sch.get(loop).extent for loop in loops]
+    return divisible(extents[-1], lanes) and any(const_extent(e) is None for e in extents[:-1])
 
 
 def schedule_row_reduction(sch: Schedule, target: Target) -> Schedule:

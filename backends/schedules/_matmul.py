@@ -16,7 +16,10 @@ row count T (and a symbolic N, e.g. ``q @ k^T``): only the epilogue checks
 ``i < T``. The copy costs K x T loads, against K x T x N FMAs. Row parts split
 the rows over the cores when the panels alone would not balance (9 panels of
 N=576 on 2 cores); with a symbolic T the panels are narrowed instead.
-A ``B[k, j]`` that is exactly one panel wide (``P @ V``) is read in place.
+A ``B[k, j]`` that is exactly one panel wide is read in place. A computed
+operand (rotary embedding, GQA broadcast of K or V) is computed once into its
+padded copy or packed panel (``_prologue``), never inside the micro kernel; the
+reduction depth may be symbolic (``P @ V`` reduces over T).
 
 GEMV (M == 1) has nothing to reuse, so B is streamed once: with ``W[j, k]``
 (k contiguous) each output is a dot product, vectorized over k through
@@ -27,6 +30,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
+from . import _prologue
 from ._generic import parallel_vectorize
 from ._analysis import Contraction, analyze_contraction, const_extent, divisible, is_reduction, root_blocks
 
@@ -34,7 +38,7 @@ MR = 4  # rows of A per micro tile
 NR_VECTORS = 4  # vector registers per accumulator row (MR x NR_VECTORS accumulators)
 PANEL_TILES = 1  # micro tiles per packed B panel
 GEMV_ROWS = 4  # outputs per GEMV work item
-MIN_DEPTH = 4  # shorter (or symbolic) reductions, e.g. an outer product, use the generic schedules
+MIN_DEPTH = 4  # shorter reductions, e.g. an outer product, use the generic schedules
 
 
 def find_contraction(sch: Schedule) -> tuple[SBlockRV, Contraction] | None:
@@ -48,19 +52,6 @@ def find_contraction(sch: Schedule) -> tuple[SBlockRV, Contraction] | None:
             return None
         found = (block, info)
     return found
-
-
-def _inline_around(sch: Schedule, mm: SBlockRV) -> SBlockRV | None:
-    """Inline prologue blocks into the matmul and fold the epilogue chain into
-    its last block. Returns the epilogue block (None when there is none)."""
-    blocks = root_blocks(sch)
-    pos = [n for n, b in enumerate(blocks) if sch.get(b).same_as(sch.get(mm))][0]
-    for block in blocks[:pos]:
-        sch.compute_inline(block)
-    after = blocks[pos + 1 :]
-    for block in after[:-1]:
-        sch.compute_inline(block)
-    return after[-1] if after else None
 
 
 def _epilogue_matches(sch: Schedule, epi: SBlockRV, mm: SBlockRV) -> bool:
@@ -126,15 +117,18 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     """Apply the packed, register-blocked GEMM schedule described above."""
     mm, info = find_contraction(sch)
     depth = const_extent(sch.get(mm).iter_vars[info.k].dom.extent)
-    if depth is None or depth < MIN_DEPTH:
-        raise ValueError(f"reduction depth {depth} too short or symbolic for the register-blocked GEMM")
-    epi = _inline_around(sch, mm)
+    if depth is not None and depth < MIN_DEPTH:
+        raise ValueError(f"reduction depth {depth} too short for the register-blocked GEMM")
+    operands = _prologue.materialize_operands(sch, mm)
+    epi = _prologue.fold_epilogue(sch, mm)
     n = const_extent(sch.get(mm).iter_vars[info.j].dom.extent)
     nr, nb = _pick_tiles(n, lanes)
     parts = _row_parts(sch, mm, info, n, nb, cores)
     if parts == 1 and _tasks(sch, mm, info, n, nb) % cores and nb == nr and nr // 2 >= lanes:
         nr = nb = nr // 2  # rows not split (symbolic or few): balance with narrower panels
+    padded_cols = not divisible(sch.get(mm).iter_vars[info.j].dom.extent, nr)
     padded = _pad_rows_cols(sch, mm, info, nr, MR * parts)
+    _prologue.inline_into_copies(sch, mm, operands)
     epi = _tile_epilogue(sch, mm, epi, padded, lanes)
     sch.set_scope(mm, 0, "local")
     loops = sch.get_loops(mm)
@@ -149,9 +143,11 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     sch.reorder(*spatial, *outer, jo, *rows, jm, k, *([ii] if rows else []), ji)
     par = sch.fuse(*spatial, *outer, jo)
     sch.reverse_compute_at(epi, jm, preserve_unit_loops=True)
-    pads = list(sch.get_producers(mm))
-    _pack_b(sch, mm, info, par, nb)
-    _schedule_pad_copies(sch, pads, lanes)
+    copies = list(sch.get_producers(mm))
+    packed = _pack_b(sch, mm, info, par, nb)
+    if packed is not None and not (padded and padded_cols):
+        copies = _prologue.fill_pack(sch, packed, copies)
+    _schedule_pad_copies(sch, copies, lanes)
     sch.parallel(par)
     _vectorize_epilogue(sch, epi, lanes)
     if rows:
@@ -228,14 +224,14 @@ def _schedule_pad_copies(sch: Schedule, pads: list, lanes: int) -> None:
             sch.vectorize(inner)
 
 
-def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> None:
+def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> SBlockRV | None:
     """Copy the B panel of this parallel iteration into a contiguous [K, NB]
     buffer (transposing ``W[j, k]``), so the micro kernel streams it linearly.
     A ``B[k, j]`` whose rows are exactly one panel wide (e.g. ``P @ V`` with
-    V's 64 columns) is already laid out that way and is read in place."""
+    V's 64 columns) is already laid out that way and is read in place (returns None)."""
     n = const_extent(sch.get(mm).iter_vars[info.j].dom.extent)
     if not info.b_k_contiguous and n == nb:
-        return
+        return None
     bp = sch.cache_read(mm, info.b_index, "global")
     sch.compute_at(bp, par, preserve_unit_loops=True)
     if info.b_k_contiguous:
@@ -244,6 +240,7 @@ def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> Non
         sch.transform_layout(bp, ("write", 0), lambda *idx: [idx[p] for p in perm])
     else:
         sch.vectorize(sch.get_loops(bp)[-1])
+    return bp
 
 
 def is_gemv(sch: Schedule) -> bool:
@@ -265,7 +262,7 @@ def schedule_gemv(sch: Schedule, lanes: int) -> None:
     if not info.b_k_contiguous:
         schedule_gemm(sch, lanes)
         return
-    epi = _inline_around(sch, mm)
+    epi = _prologue.inline_around(sch, mm)
     ko, ki = sch.split(sch.get_loops(mm)[-1], [None, lanes])
     rf = sch.rfactor(ki, factor_axis=0)
     sch.set_scope(rf, 0, "local")

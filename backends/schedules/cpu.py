@@ -25,7 +25,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from . import _fastmath, _generic, _matmul
+from . import _fastmath, _generic, _indices, _matmul
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
@@ -63,8 +63,10 @@ def _rules(target: Target, lanes: int):
 def schedule_prim_func(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc, str]:
     """Schedule one PrimFunc; returns (scheduled function, rule name).
 
-    The function is returned unscheduled (rule "none") if every rule fails."""
+    The function is returned unscheduled (rule "none") if every rule fails. Index arithmetic
+    over symbolic dims is folded first (``_indices``)."""
     lanes = _vector_lanes(target)
+    func = _indices.simplify_indices(func)
     for name, rule in _rules(target, lanes):
         sch = s_tir.Schedule(func, error_render_level="none")
         try:
