@@ -14,6 +14,8 @@ node's name) or None. Every rewrite preserves values exactly or within fp32 roun
 * A transpose/reshape/cast of a weight is computed once at compile time: ``matmul(x,
   transpose(@W))`` becomes ``matmul(x, @W.T)`` with ``W.T`` a contiguous [in, out] array.
 * ``matmul(a[..., M, 1], b[..., 1, N]) = a * b`` (an outer product needs no reduction).
+* An embedding lookup whose table also exists transposed (tied input/output embeddings) reads
+  the transposed copy, so the table is stored once.
 * Normalizations written with primitives become single ops, and batch norm after a convolution
   is folded into its weights -- see :mod:`slimgraph.passes.norm_patterns`.
 
@@ -103,6 +105,33 @@ def outer_product(ctx: Context, node: Node, inputs: tuple) -> str | None:
     return ctx.rw.add(ops.MUL, inputs, name=node.name)
 
 
+def gather_from_transposed_copy(ctx: Context, node: Node, inputs: tuple) -> str | None:
+    """``take(@W, ids, axis=0) = transpose(take(@V, ids, axis=1))`` when the module also holds
+    ``V = W^T`` (a tied embedding whose transposed copy feeds the LM head): the lookup then reads
+    the copy and ``W`` becomes dead, so the table is stored once."""
+    table = ctx.rw.weight_array(inputs[0])
+    if table is None or table.ndim != 2 or node.attrs["axis"] != 0:
+        return None
+    twin = _transposed_twin(ctx, inputs[0][1:], table)
+    if twin is None:
+        return None
+    index_rank = ctx.rw.type_of(inputs[1]).rank
+    gathered = ctx.rw.add(ops.TAKE, ("@" + twin, inputs[1]), {"axis": 1}, name=f"{node.name}_columns")
+    perm = tuple(range(1, index_rank + 1)) + (0,)
+    return ctx.rw.add(ops.TRANSPOSE, (gathered,), {"perm": perm}, name=node.name)
+
+
+def _transposed_twin(ctx: Context, name: str, table: np.ndarray) -> str | None:
+    """A weight other than ``name`` whose data is ``table.T`` (same content, compared exactly)."""
+    want = (table.shape[1], table.shape[0])
+    candidates = [k for k, w in ctx.rw.weights.items()
+                  if k != name and w.has_data and tuple(w.type.shape) == want and w.type.dtype.numpy == table.dtype]
+    for key in sorted(candidates):
+        if np.array_equal(ctx.rw.weights[key].array, table.T):
+            return key
+    return None
+
+
 # ----------------------------------------------------------------------------- neutral elements
 def _neutral(ctx: Context, node: Node, keep: str, other: str, value: float) -> str | None:
     if scalar_value(ctx.rw, other) == value and ctx.rw.type_of(keep) == node.type:
@@ -140,6 +169,7 @@ def _rules() -> dict:
         ops.SUB: (sub_zero,),
         ops.BATCH_NORM: (norms.fold_batch_norm,),
         ops.MATMUL: (outer_product,),
+        ops.TAKE: (gather_from_transposed_copy,),
     }
 
 

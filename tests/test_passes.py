@@ -121,7 +121,18 @@ def test_weight_transpose_is_pretransposed_once():
     wt = result.weights["l0.gate.T"].array
     assert wt.flags.c_contiguous and wt.shape == (8, 16)
     np.testing.assert_array_equal(wt, result.weights["l0.gate"].array.T)
-    assert ops.TRANSPOSE not in ops_of(result)
+    transposes = [n for f in result.functions.values() for n in f.nodes if n.op is ops.TRANSPOSE]
+    assert all(not i.startswith("@") for n in transposes for i in n.inputs)  # no weight transposed at run time
+
+
+def test_tied_embedding_is_stored_once():
+    """The lookup table and the LM head's transposed copy hold the same numbers: keep one."""
+    before = llama_block(layers=1)
+    after = run_pass("dce", run_pass("simplify", before).module).module
+    assert "embed" not in after.weights and "embed.T" in after.weights
+    assert after.weight_bytes() == before.weight_bytes()  # pre-transposed, yet not stored twice
+    inputs = make_sample_inputs(before)
+    assert compare_outputs(interpreter.run(before, inputs)[0], interpreter.run(after, inputs)[0]).ok
 
 
 @pytest.mark.parametrize("graph, op", [
