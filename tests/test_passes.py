@@ -282,3 +282,17 @@ def test_simplify_turns_outer_product_matmul_into_mul():
     inputs = {"a": rng.standard_normal((1, 32, 1)).astype(np.float32),
               "p": rng.standard_normal((1, 1, 5)).astype(np.float32)}
     np.testing.assert_allclose(interpreter.run(result, inputs)[0], interpreter.run(module, inputs)[0], rtol=1e-6)
+
+
+def test_hf_causal_mask_folds_away_with_static_shapes():
+    """Hugging Face's mask code (arange, cumsum over bool, gathers) depends only on shapes: with T
+    fixed, constant folding removes all of it; with T symbolic it stays (and is computed at run time)."""
+    from slimgraph.compiler.passmanager import run_pipeline
+    from slimgraph.compiler.specialize import specialize
+    from slimgraph.models.registry import load_module
+
+    shape_ops = {ops.CUMSUM, ops.ARANGE, ops.GATHER_ELEMENTS}
+    symbolic = load_module("tiny-llama")
+    assert shape_ops & set(ops_of(symbolic))
+    static = run_pipeline(specialize(symbolic, {"T": 8})).module
+    assert not shape_ops & {n.op for f in static.functions.values() for n in f.nodes}
