@@ -73,25 +73,40 @@ def resolve_model(name_or_path) -> ModelSource:
                             hint="known models: " + ", ".join(known_models()))
 
 
-def load_module(name_or_path, **opts) -> Module:
-    """Import a model as a slimgraph module. ``opts`` go to the frontend (``seq_len``, ``batch``)."""
-    source = resolve_model(name_or_path)
-    if source.kind == "hf-folder":
-        from slimgraph.compiler.frontends.huggingface import import_hf_folder
+def _load_hf_folder(source: ModelSource, **opts) -> Module:
+    from slimgraph.compiler.frontends.huggingface import import_hf_folder
 
-        return import_hf_folder(source.path, **opts)
-    if source.kind == "onnx":
-        from slimgraph.compiler.frontends.onnx import import_onnx
+    return import_hf_folder(source.path, **opts)
 
-        return import_onnx(source.path, **opts)
-    if source.kind == "hf-tiny":
-        from slimgraph.compiler.frontends.huggingface import import_hf_model
 
-        return import_hf_model(testmodels.TINY_HF_MODELS[source.name](), source=source.name, **opts)
+def _load_onnx(source: ModelSource, **opts) -> Module:
+    from slimgraph.compiler.frontends.onnx import import_onnx
+
+    return import_onnx(source.path, **opts)
+
+
+def _load_tiny_hf(source: ModelSource, **opts) -> Module:
+    from slimgraph.compiler.frontends.huggingface import import_hf_model
+
+    return import_hf_model(testmodels.TINY_HF_MODELS[source.name](), source=source.name, **opts)
+
+
+def _load_torch(source: ModelSource, **opts) -> Module:
     from slimgraph.compiler.frontends.torch_export import import_torch_module
 
     module, inputs, dims = testmodels.TORCH_MODELS[source.name]()
     return import_torch_module(module, inputs, dynamic_dims=dims, source=source.name)
+
+
+LOADERS: dict[str, Callable[..., Module]] = {
+    "hf-folder": _load_hf_folder, "onnx": _load_onnx, "hf-tiny": _load_tiny_hf, "torch": _load_torch,
+}
+
+
+def load_module(name_or_path, **opts) -> Module:
+    """Import a model as a slimgraph module. ``opts`` go to the frontend (``seq_len``, ``batch``)."""
+    source = resolve_model(name_or_path)
+    return LOADERS[source.kind](source, **opts)
 
 
 def reference_torch_model(name):
