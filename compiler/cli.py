@@ -100,6 +100,22 @@ def inspect_cmd(
     _guarded(as_json, run_inspect, target=target, optimize=optimize, html=html, as_json=as_json)
 
 
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="compiled artifact directory, or a model to compile first"),
+    metric: str = typer.Option("ppl", "--metric", help="ppl: perplexity of a causal LM"),
+    text: Optional[Path] = typer.Option(None, "--text", help="text file (default: the fixed Wikipedia slice)"),
+    window: int = typer.Option(512, "--window", help="tokens per evaluation window"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="evaluate only the first N tokens"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Measure a model with its compiled artifact (perplexity on held-out text)."""
+    from slimgraph.compiler.cli_commands import run_eval
+
+    _guarded(as_json, run_eval, target=target, metric=metric, text=text, window=window, max_tokens=max_tokens,
+             as_json=as_json)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Usage errors detected by the argument parser exit with the usage code (2)."""
     try:

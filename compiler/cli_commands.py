@@ -171,3 +171,52 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     if "html" in summary:
         console.print(f"wrote {summary['html']}")
+
+
+def _artifact_for(target: str, workdir: Path) -> Path:
+    """An artifact directory as given, or the model compiled (untuned, default passes) into workdir."""
+    if (Path(target) / "manifest.json").is_file():
+        return Path(target)
+    from slimgraph.compiler.driver import CompileOptions, compile_model
+
+    return compile_model(target, workdir / "artifact", CompileOptions())
+
+
+def run_eval(*, target, metric, text, window, max_tokens, as_json):
+    import tempfile
+
+    import slimgraph
+    from slimgraph.compiler.errors import UsageError
+    from slimgraph.compiler.evaluation import perplexity
+    from slimgraph.models.registry import resolve_model
+
+    if metric != "ppl":
+        raise UsageError(f"unknown --metric {metric!r}; available: ppl")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _artifact_for(target, Path(tmp))
+        model = slimgraph.load(path)
+        name = model.manifest["input_model"]["name"]
+        folder = resolve_model(name).path if name else None
+        if folder is None or not (Path(folder) / "tokenizer_config.json").is_file():
+            raise UsageError(f"{path}: model {name!r} has no tokenizer to turn text into tokens")
+        ids = _tokens(folder, text, max_tokens)
+        result = perplexity(lambda batch: model(input_ids=batch)[0], ids, window=window)
+    summary = {"model": name, "artifact": str(target), "text": str(text or "wikipedia eval slice"), **result.to_dict()}
+    if as_json:
+        print(json.dumps({"ok": True, **summary}))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.predicted_tokens} predicted tokens "
+              f"({result.windows} windows of {window})")
+
+
+def _tokens(folder, text, max_tokens) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from slimgraph.models.wiki_text import wiki_split
+
+    source = Path(text) if text else wiki_split().evaluation
+    if not source.is_file():
+        raise BadInputError(f"{source}: no such text file")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = np.asarray(tokenizer(source.read_text(encoding="utf-8"))["input_ids"], np.int64)
+    return ids[:max_tokens] if max_tokens else ids

@@ -122,3 +122,10 @@ def test_html_renders_in_a_browser(tmp_path):
                     page.as_uri()], capture_output=True, timeout=120)
     png = shot.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000  # a drawn page, not a blank one
+
+
+def test_eval_needs_a_tokenizer_and_a_known_metric(mlp_artifact):
+    proc = slimgraph("eval", mlp_artifact / "mlp", "--json")
+    assert proc.returncode == 2 and "no tokenizer" in json.loads(proc.stdout)["error"]["message"]
+    proc = slimgraph("eval", mlp_artifact / "mlp", "--metric", "bleu", "--json")
+    assert proc.returncode == 2 and "unknown --metric" in json.loads(proc.stdout)["error"]["message"]
