@@ -130,22 +130,3 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
         })
     on_event("done", {"output": str(writer.out), "seconds": timings["total"]})
     return writer.out
-
-
-def sample_inputs(module: Module, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs for an entry function: token ids for integer inputs, normal floats otherwise."""
-    from slimgraph.compiler.types import eval_dim
-
-    rng = np.random.default_rng(seed)
-    fn = module.main
-    env = {s: (sizes or {}).get(s, 8) for p in fn.params for s in p.type.symbols()}
-    out = {}
-    for p in fn.params:
-        shape = tuple(eval_dim(d, env) for d in p.type.shape)
-        if p.type.dtype.is_float:
-            out[p.name] = rng.standard_normal(shape).astype(p.type.dtype.numpy)
-        elif "mask" in p.name:
-            out[p.name] = np.ones(shape, p.type.dtype.numpy)
-        else:
-            out[p.name] = rng.integers(0, 100, shape).astype(p.type.dtype.numpy)
-    return out

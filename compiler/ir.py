@@ -20,9 +20,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from slimgraph.compiler.ops import OPS, Attrs, OpDef
+from slimgraph.compiler.ops import Attrs, OpDef
 from slimgraph.compiler.ops import CALL
-from slimgraph.compiler.types import DType, TensorType
+from slimgraph.compiler.types import TensorType
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.]")
 
@@ -254,10 +254,3 @@ class FunctionBuilder:
     def build(self) -> Function:
         return Function(self.name, tuple(self.params), tuple(self.nodes), self.outputs, self.kind)
 
-
-def op_by_name(name: str) -> OpDef | None:
-    return OPS.get(name)
-
-
-def numpy_dtype(dtype: DType) -> np.dtype:
-    return dtype.numpy

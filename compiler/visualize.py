@@ -38,7 +38,7 @@ def render_svg(module: Module) -> str:
     nodes = fn.node_map()
     g.remove_nodes_from([v for v, d in list(g.nodes(data=True)) if d["kind"] == "weight"])
     rows = list(nx.topological_generations(g))
-    positions, heights, y = {}, {}, 20
+    positions, y = {}, 20
     boxes = {}
     for row in rows:
         row_h = 0

@@ -172,7 +172,8 @@ def fold_batch_norm(ctx, node, inputs):
     arrays = [ctx.rw.weight_array(r) for r in conv.inputs[1:] + inputs[1:]]
     if any(a is None for a in arrays):
         return None
-    weight, bias = arrays[0], (arrays[1] if len(conv.inputs) == 3 else np.zeros(weight.shape[0]))
+    weight = arrays[0]
+    bias = arrays[1] if len(conv.inputs) == 3 else np.zeros(weight.shape[0])
     mean, var, gamma, beta = (a.astype(np.float64) for a in arrays[-4:])
     scale = gamma / np.sqrt(var + node.attrs["eps"])
     if scale.shape != (weight.shape[0],) or bias.shape != scale.shape or mean.shape != scale.shape:

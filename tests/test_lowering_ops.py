@@ -10,7 +10,7 @@ import pytest
 from slimgraph.compiler import ops
 from slimgraph.compiler.interpreter import run
 from slimgraph.compiler.ir import FunctionBuilder, Module
-from slimgraph.compiler.types import DType, TensorType, eval_dim
+from slimgraph.compiler.types import DType, TensorType
 
 tvm = pytest.importorskip("tvm")
 

@@ -156,6 +156,23 @@ def test_batch_norm_folds_into_conv():
     assert sorted(result.weights) == ["conv.weight.bn", "conv.weight.bn_bias"]
 
 
+def test_batch_norm_folds_into_conv_without_bias():
+    """The usual Conv2d(bias=False) + BatchNorm2d: the folded conv gains a bias."""
+    from golden_util import GraphMaker
+
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (1, 3, 8, 8)))
+    c = g(ops.CONV2D, x, g.weight("conv.weight", (4, 3, 3, 3)), padding=[1, 1, 1, 1])
+    var = np.abs(g.rng.standard_normal(4)).astype(np.float32) + 0.5
+    bn = g(ops.BATCH_NORM, c, g.weight("bn.mean", (4,)), g.weight("bn.var", (4,), var),
+           g.weight("bn.weight", (4,)), g.weight("bn.bias", (4,)), name="out")
+    before = g.module(bn)
+    after = run_pass("dce", run_pass("simplify", before).module).module
+    assert ops_of(after) == [ops.CONV2D] and len(after.main.nodes[0].inputs) == 3
+    inputs = make_sample_inputs(before)
+    assert compare_outputs(interpreter.run(before, inputs)[0], interpreter.run(after, inputs)[0]).ok
+
+
 # ----------------------------------------------------------------------------- cse / dce
 def test_cse_merges_commutative_and_identical_weights():
     result, _, stats = run_pass("cse", layout_noise())

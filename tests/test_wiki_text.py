@@ -43,7 +43,7 @@ def test_split_is_disjoint_ordered_and_reproducible(tmp_path):
     articles += [("Talk page", "1", False, "talk " + LONG), ("Redirected", "0", True, "moved " + LONG)]
     dump = _dump(tmp_path / "dump.xml.bz2", articles)
     first = build_split(dump, tmp_path / "one", eval_chars=150)
-    second = build_split(dump, tmp_path / "two", eval_chars=150)
+    build_split(dump, tmp_path / "two", eval_chars=150)
     assert (tmp_path / "one" / "split.json").read_text() == (tmp_path / "two" / "split.json").read_text()
     evaluation = first.evaluation.read_text()
     calibration = first.calibration.read_text()
