@@ -170,14 +170,13 @@ class _Lowerer:
         with self.bb.function(fn.name, params, attrs=attrs, private=primitive):
             with self.bb.dataflow():
                 for node in fn.nodes:
-                    env[node.name] = self._node(node, env, fn)
+                    env[node.name] = self._node(node, env)
                 outs = [env[o] for o in fn.outputs]
                 result = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
-            gv = self.bb.emit_func_output(result)
+            self.bb.emit_func_output(result)
         self.gvars[fn.name] = self.bb.get().get_global_var(fn.name)
-        del gv
 
-    def _node(self, node: Node, env: dict, fn: Function) -> relax.Var:
+    def _node(self, node: Node, env: dict) -> relax.Var:
         args = [env[i] for i in node.inputs]
         if node.op is CALL:
             return self.bb.emit(relax.Call(self.gvars[node.callee], args), name_hint=node.name)

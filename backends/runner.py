@@ -17,7 +17,8 @@ import tvm
 from slimgraph.backends.artifact import open_artifact
 from slimgraph.backends.targets import TargetSpec, check_runnable_here
 from slimgraph.compiler.errors import RuntimeInputError
-from slimgraph.compiler.types import TensorType, dim_expr, eval_dim
+from slimgraph.compiler.interpreter import check_input_arrays
+from slimgraph.compiler.types import TensorType
 from slimgraph.compiler.weights_io import read_safetensors
 
 
@@ -42,46 +43,27 @@ class EntryPoint:
                 raise RuntimeInputError(f"@{self.name}: inputs are {self.input_names}; "
                                         f"missing {missing}, unknown {unknown}")
             args = [kwargs[n] for n in self.input_names]
-        if len(args) != len(self.input_names):
-            raise RuntimeInputError(f"@{self.name} takes {len(self.input_names)} input(s) {self.input_names}, "
-                                    f"got {len(args)}")
         return [np.asarray(a, order="C") for a in args]
 
     def check(self, arrays: list[np.ndarray]) -> dict[str, int]:
         """Validate dtypes and shapes; returns the bound symbolic dims."""
-        env: dict[str, int] = {}
-        for name, ttype, arr in zip(self.input_names, self.input_types, arrays):
-            if arr.dtype != ttype.dtype.numpy:
-                raise RuntimeInputError(f"input {name!r}: expected dtype {ttype.dtype} ({ttype}), got {arr.dtype}")
-            if arr.ndim != ttype.rank:
-                raise RuntimeInputError(f"input {name!r}: expected shape {ttype}, got {list(arr.shape)}")
-            for dim, actual in zip(ttype.shape, arr.shape):
-                if isinstance(dim, str) and dim_expr(dim).is_Symbol:
-                    if env.setdefault(dim, actual) != actual:
-                        raise RuntimeInputError(f"input {name!r}: dim {dim}={actual} disagrees with {dim}={env[dim]} "
-                                                "of an earlier input")
-        for name, ttype, arr in zip(self.input_names, self.input_types, arrays):
-            want = tuple(eval_dim(d, env) for d in ttype.shape)
-            if tuple(arr.shape) != want:
-                raise RuntimeInputError(f"input {name!r}: expected shape {ttype} = {list(want)}, got {list(arr.shape)}")
-        return env
+        return check_input_arrays(list(zip(self.input_names, self.input_types)), arrays, where=f"@{self.name} ")
 
-    def __call__(self, *args, **kwargs) -> list[np.ndarray]:
+    def _tensors(self, args: Sequence, kwargs: Mapping) -> list:
+        """Checked inputs as TVM tensors on the model's device."""
         arrays = self._arrays(args, kwargs)
         self.check(arrays)
-        device = self.model.device
-        tensors = [tvm.runtime.tensor(a, device) for a in arrays]
-        result = self.model.vm[self.name](*tensors, *self._weights)
+        return [tvm.runtime.tensor(a, self.model.device) for a in arrays]
+
+    def __call__(self, *args, **kwargs) -> list[np.ndarray]:
+        result = self.model.vm[self.name](*self._tensors(args, kwargs), *self._weights)
         outs = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [o.numpy() for o in outs]
 
     def time(self, *args, number: int = 10, repeat: int = 3, **kwargs) -> list[float]:
         """Per-call seconds measured by TVM's time evaluator (inputs converted once)."""
-        arrays = self._arrays(args, kwargs)
-        self.check(arrays)
-        tensors = [tvm.runtime.tensor(a, self.model.device) for a in arrays]
         evaluator = self.model.vm.time_evaluator(self.name, self.model.device, number=number, repeat=repeat)
-        return list(evaluator(*tensors, *self._weights).results)
+        return list(evaluator(*self._tensors(args, kwargs), *self._weights).results)
 
 
 class CompiledModel:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from slimgraph.compiler.errors import BadInputError, RuntimeInputError
+from slimgraph.compiler.ir import FunctionKind
 
 
 class RichProgress:
@@ -87,9 +88,10 @@ def run_artifact(*, artifact, inputs, output, entry, as_json):
     model = slimgraph.load(artifact)
     fn = model[entry] if entry else model.main
     arrays = _load_npz(inputs)
-    if set(arrays) != set(fn.input_names) and not all(k.startswith("arr_") for k in arrays):
+    positional = all(k.startswith("arr_") for k in arrays)  # np.savez(path, a, b) names them arr_0, arr_1
+    if not positional and set(arrays) != set(fn.input_names):
         raise RuntimeInputError(f"{inputs}: arrays {sorted(arrays)} do not match the inputs {fn.input_names}")
-    outs = fn(**arrays) if not all(k.startswith("arr_") for k in arrays) else fn(*arrays.values())
+    outs = fn(*arrays.values()) if positional else fn(**arrays)
     named = dict(zip(fn.output_names, outs))
     if output:
         np.savez(output, **named)
@@ -104,7 +106,7 @@ def run_artifact(*, artifact, inputs, output, entry, as_json):
 
 def model_summary(module) -> dict:
     ops_count = Counter(n.op.name for f in module.entries for n in f.nodes)
-    fused = [f for f in module.functions.values() if f.kind.value == "fused"]
+    fused = [f for f in module.functions.values() if f.kind is FunctionKind.FUSED]
     params = sum(int(np.prod(w.type.shape, dtype=np.int64)) for w in module.weights.values())
     return {
         "inputs": {p.name: str(p.type) for p in module.main.params},

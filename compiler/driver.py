@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from slimgraph import __version__
 from slimgraph.compiler.ir import Module
 from slimgraph.compiler.printer import print_module
 from slimgraph.compiler.specialize import bind_from_shapes, specialize
 from slimgraph.compiler.verifier import verify
+from slimgraph.compiler.weights_io import hash_file_into
 
 EventFn = Callable[[str, dict], None]
 
@@ -51,9 +51,7 @@ def model_hash(model_path: str | None) -> str | None:
     h = hashlib.sha256()
     for file in files:
         h.update(file.relative_to(path if path.is_dir() else path.parent).as_posix().encode())
-        with open(file, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+        hash_file_into(h, file)
     return h.hexdigest()
 
 
@@ -61,11 +59,11 @@ def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None
     """Resolve a model (short name, path, Module) into IR; returns (module, path of its files)."""
     if isinstance(model, Module):
         return model, None
-    from slimgraph.models.registry import load_module, resolve_model
+    from slimgraph.models.registry import load_source, resolve_model
 
     source = resolve_model(str(model))
     on_event("stage_start", {"stage": "load", "detail": str(model)})
-    module = load_module(str(model))
+    module = load_source(source)
     verify(module, source=str(model))
     on_event("stage_end", {"stage": "load", "nodes": module.num_nodes()})
     return module, getattr(source, "path", None)
@@ -91,6 +89,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
     from slimgraph.backends.compile import build_artifact_files
 
     options = options or CompileOptions()
+    model_name = None if isinstance(model, Module) else str(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     writer = ArtifactWriter(output, force=options.force)  # refuse an existing output before any work
@@ -108,7 +107,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
         timings.update(build.timings)
         timings["total"] = time.perf_counter() - start
         report = {
-            "model": str(model) if not isinstance(model, Module) else "<module>",
+            "model": model_name or "<module>",
             "passes": [asdict(record) for record in pipeline.records],
             "nodes": {"input": module.num_nodes(), "output": pipeline.module.num_nodes()},
             "kernels": {"input": module.num_kernels(), "output": pipeline.module.num_kernels(),
@@ -121,7 +120,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "slimgraph_version": __version__,
             "tvm_version": build.tvm_version,
             "target": build.target.to_dict(),
-            "input_model": {"name": str(model) if not isinstance(model, Module) else None,
+            "input_model": {"name": model_name,
                             "sha256": model_hash(model_path)},
             "pipeline": list(options.passes or [r.name for r in pipeline.records]),
             "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,

@@ -13,43 +13,37 @@ import numpy as np
 from slimgraph.compiler.errors import RuntimeInputError
 from slimgraph.compiler.ir import Function, Module
 from slimgraph.compiler.ops import CALL, RefContext
-from slimgraph.compiler.types import dim_expr, eval_dim
+from slimgraph.compiler.types import TensorType, dim_expr
 
 
-def bind_symbols(fn: Function, arrays: Sequence[np.ndarray], env: dict | None = None) -> dict[str, int]:
-    """Solve each param's symbolic dims from the given arrays (dims that are plain symbols first)."""
-    env = dict(env or {})
-    pending = []
-    for param, arr in zip(fn.params, arrays):
-        if arr.ndim != param.type.rank:
-            raise RuntimeInputError(f"input %{param.name}: expected rank {param.type.rank} ({param.type}), "
-                                    f"got shape {tuple(arr.shape)}")
-        for dim, actual in zip(param.type.shape, arr.shape):
-            if isinstance(dim, str) and dim_expr(dim).is_Symbol:
-                if env.setdefault(dim, int(actual)) != actual:
-                    raise RuntimeInputError(f"input %{param.name}: dim {dim} is {actual} here but "
-                                            f"{env[dim]} in another input")
-            pending.append((param, dim, actual))
-    for param, dim, actual in pending:
-        if eval_dim(dim, env) != actual:
-            raise RuntimeInputError(f"input %{param.name}: expected {param.type} with {_env_text(env)}, "
-                                    f"got a dim of {actual} where {dim} is required")
+def check_input_arrays(signature: Sequence[tuple[str, TensorType]], arrays: Sequence[np.ndarray],
+                       where: str = "") -> dict[str, int]:
+    """Check arrays against (name, type) pairs: count, dtype, rank, then shapes once every
+    symbolic dim that stands alone in some input (``T`` in ``i64[1,T]``) is bound. Returns the
+    bindings. Shared by the interpreter and the compiled-artifact runner."""
+    if len(arrays) != len(signature):
+        names = [name for name, _ in signature]
+        raise RuntimeInputError(f"{where}takes {len(signature)} input(s) {names}, got {len(arrays)}")
+    env: dict[str, int] = {}
+    for (name, ttype), arr in zip(signature, arrays):
+        if arr.dtype != ttype.dtype.numpy:
+            raise RuntimeInputError(f"input {name!r}: expected dtype {ttype.dtype} ({ttype}), got {arr.dtype}")
+        if arr.ndim != ttype.rank:
+            raise RuntimeInputError(f"input {name!r}: expected rank {ttype.rank} ({ttype}), "
+                                    f"got shape {list(arr.shape)}")
+        for dim, actual in zip(ttype.shape, arr.shape):
+            if isinstance(dim, str) and dim_expr(dim).is_Symbol and env.setdefault(dim, int(actual)) != actual:
+                raise RuntimeInputError(f"input {name!r}: dim {dim}={actual} disagrees with {dim}={env[dim]} "
+                                        "of an earlier input")
+    for (name, ttype), arr in zip(signature, arrays):
+        want = ttype.concrete(env)
+        if tuple(arr.shape) != want:
+            raise RuntimeInputError(f"input {name!r}: expected shape {ttype} = {list(want)}, got {list(arr.shape)}")
     return env
 
 
-def _env_text(env):
-    return ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no symbols"
-
-
 def check_inputs(fn: Function, arrays: Sequence[np.ndarray]) -> dict[str, int]:
-    if len(arrays) != len(fn.params):
-        raise RuntimeInputError(f"@{fn.name} takes {len(fn.params)} input(s) "
-                                f"({', '.join(p.name for p in fn.params)}), got {len(arrays)}")
-    for param, arr in zip(fn.params, arrays):
-        if arr.dtype != param.type.dtype.numpy:
-            raise RuntimeInputError(f"input %{param.name}: expected dtype {param.type.dtype} "
-                                    f"({param.type}), got {arr.dtype}")
-    return bind_symbols(fn, arrays)
+    return check_input_arrays([(p.name, p.type) for p in fn.params], arrays, where=f"@{fn.name} ")
 
 
 def run_function(module: Module, fn: Function, arrays: Sequence[np.ndarray], *,

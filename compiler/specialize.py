@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import sympy
+
 from slimgraph.compiler.errors import ShapeSpecError
 from slimgraph.compiler.ir import Function, Module, Node, Param
 from slimgraph.compiler.ops import AttrKind, Attrs
-from slimgraph.compiler.types import TensorType, canonical_dim, dim_expr
+from slimgraph.compiler.types import TensorType, canonical_dim, dim_expr, dim_symbols
 
 
 def parse_shape_specs(specs: list[str]) -> dict[str, tuple[int, ...]]:
@@ -51,9 +53,6 @@ def bind_from_shapes(module: Module, shapes: dict[str, tuple[int, ...]]) -> dict
 def _subst(dim, env):
     if isinstance(dim, int):
         return dim
-    from slimgraph.compiler.types import dim_symbols
-    import sympy
-
     if not dim_symbols(dim) & set(env):
         return dim
     expr = dim_expr(dim).subs({sympy.Symbol(k, integer=True, positive=True): v for k, v in env.items()})

@@ -53,9 +53,14 @@ def write_safetensors(arrays: dict[str, np.ndarray], path: str | Path) -> None:
     save_file({k: np.asarray(v, order="C") for k, v in sorted(arrays.items())}, str(path))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def hash_file_into(h, path: str | Path, chunk: int = 1 << 22) -> None:
+    """Feed a file's bytes into the hash object ``h`` in chunks."""
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    hash_file_into(h, path)
     return h.hexdigest()

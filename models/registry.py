@@ -103,10 +103,14 @@ LOADERS: dict[str, Callable[..., Module]] = {
 }
 
 
+def load_source(source: ModelSource, **opts) -> Module:
+    """Import an already resolved model with the frontend for its kind."""
+    return LOADERS[source.kind](source, **opts)
+
+
 def load_module(name_or_path, **opts) -> Module:
     """Import a model as a slimgraph module. ``opts`` go to the frontend (``seq_len``, ``batch``)."""
-    source = resolve_model(name_or_path)
-    return LOADERS[source.kind](source, **opts)
+    return load_source(resolve_model(name_or_path), **opts)
 
 
 def reference_torch_model(name):
