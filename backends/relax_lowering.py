@@ -27,7 +27,7 @@ from slimgraph.compiler.types import DType, TensorType, dim_expr
 
 TVM_DTYPES = {
     DType.f16: "float16", DType.f32: "float32", DType.f64: "float64", DType.i8: "int8", DType.u8: "uint8",
-    DType.i16: "int16", DType.i32: "int32", DType.i64: "int64", DType.bool: "bool",
+    DType.i16: "int16", DType.i32: "int32", DType.i64: "int64", DType.u32: "uint32", DType.bool: "bool",
 }
 
 

@@ -258,3 +258,26 @@ def _batch_norm(ctx, args):
     scale = ctx.emit(R.multiply(w, R.rsqrt(R.add(var, eps))))
     shift = ctx.emit(R.subtract(b, R.multiply(mean, scale)))
     return R.add(R.multiply(x, ctx.emit(R.reshape(scale, shape))), ctx.emit(R.reshape(shift, shape)))
+
+
+@lowering(ops.DEQUANTIZE)
+def _dequantize(ctx, args):
+    """A TE compute (one injective block) that FuseTIR inlines into the consuming kernel."""
+    from tvm import te, tirx
+
+    bits, group, rows = ctx.node.attr("bits"), ctx.node.attr("group_size"), ctx.node.attr("rows")
+    out_dtype = TVM_DTYPES[ctx.node.attr("dtype")]
+    per_word = 32 // bits
+
+    def compute(words, scales, *zeros):
+        def element(k, *rest):
+            shift = tirx.Cast("uint32", tirx.floormod(k, per_word) * bits)
+            word = words[(tirx.floordiv(k, per_word),) + rest]
+            code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
+            g = (tirx.floordiv(k, group),) + rest
+            zero = zeros[0][g].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
+            return ((code.astype("float32") - zero) * scales[g].astype("float32")).astype(out_dtype)
+
+        return te.compute(ctx.out_shape(), element, name="dequantize")
+
+    return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize")

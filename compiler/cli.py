@@ -63,14 +63,34 @@ def compile_cmd(
     verify: bool = typer.Option(False, "--verify", help="check the graph numerically after every pass"),
     no_schedule: bool = typer.Option(False, "--no-schedule", help="build without slimgraph's CPU schedules"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="compression recipe (TOML) with per-layer rules"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="weight quantization: int8, int4, int3"),
+    group_size: int = typer.Option(128, "--group-size", help="rows per quantization group (0: per channel)"),
+    method: str = typer.Option("rtn", "--method", help="quantizer: rtn, gptq, awq"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="symmetric quantization (no zero points)"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="unstructured sparsity, e.g. 0.5"),
+    prune_method: str = typer.Option("magnitude", "--prune-method", help="magnitude, wanda, sparsegpt"),
+    prune_n_m: Optional[str] = typer.Option(None, "--prune-n-m", help="N:M sparsity, e.g. 2:4"),
+    prune_ffn: Optional[float] = typer.Option(None, "--prune-ffn", help="fraction of FFN neurons to remove"),
+    lowrank: Optional[float] = typer.Option(None, "--lowrank", help="fraction of linear-layer parameters to remove"),
+    lowrank_method: str = typer.Option("svd", "--lowrank-method", help="svd, asvd, whiten"),
+    lowrank_energy: Optional[float] = typer.Option(None, "--lowrank-energy", help="keep this spectral energy instead"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration text file or .npz inputs"),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration windows (default 16)"),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="tokens per window (default 512)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Compile MODEL for a target into an artifact directory."""
     from slimgraph.compiler.cli_commands import run_compile
 
+    compression = dict(recipe_file=recipe, quantize=quantize, group_size=group_size, method=method,
+                       symmetric=symmetric, prune=prune, prune_method=prune_method, prune_n_m=prune_n_m,
+                       prune_ffn=prune_ffn, lowrank=lowrank, lowrank_method=lowrank_method,
+                       lowrank_energy=lowrank_energy, calib=calib, calib_samples=calib_samples,
+                       calib_seq_len=calib_seq_len)
     _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, passes=passes,
              shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
-             force=force, as_json=as_json)
+             force=force, as_json=as_json, compression=compression)
 
 
 @app.command("run")

@@ -49,14 +49,15 @@ class RichProgress:
 
 
 def run_compile(*, model, output, target, mcpu, passes, shape, dump_ir, print_after, verify, schedule, force,
-                as_json):
+                as_json, compression=None):
     from slimgraph.compiler.driver import CompileOptions, compile_model
+    from slimgraph.compiler.recipe import recipe_from_flags
     from slimgraph.compiler.specialize import parse_shape_specs
 
     options = CompileOptions(
         target=target, mcpu=mcpu, passes=tuple(p.strip() for p in passes.split(",")) if passes else None,
         shapes=parse_shape_specs(shape), dump_ir=dump_ir, print_after=tuple(print_after), verify=verify,
-        schedule=schedule, force=force,
+        schedule=schedule, force=force, recipe=recipe_from_flags(**(compression or {})),
     )
     if options.passes:
         from slimgraph.compiler.passmanager import get_pass

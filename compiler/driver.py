@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 
 from slimgraph import __version__
@@ -21,6 +21,9 @@ from slimgraph.compiler.printer import print_module
 from slimgraph.compiler.specialize import bind_from_shapes, specialize
 from slimgraph.compiler.verifier import verify
 from slimgraph.compiler.weights_io import hash_file_into
+
+if TYPE_CHECKING:
+    from slimgraph.compiler.recipe import Recipe
 
 EventFn = Callable[[str, dict], None]
 
@@ -40,6 +43,7 @@ class CompileOptions:
     verify: bool = False
     schedule: bool = True
     force: bool = False
+    recipe: "Recipe | None" = None        # compression steps (slimgraph.compiler.recipe)
 
 
 def model_hash(model_path: str | None) -> str | None:
@@ -69,17 +73,37 @@ def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None
     return module, getattr(source, "path", None)
 
 
-def optimize(module: Module, options: CompileOptions, *, on_event: EventFn = _quiet):
-    """Specialize shapes, then run the pass pipeline; returns the PipelineReport."""
+def optimize(module: Module, options: CompileOptions, *, model_path: str | None = None,
+             on_event: EventFn = _quiet):
+    """Specialize shapes, then run the pass pipeline (with the recipe's compression steps, which
+    calibrate on data tokenized with the model's own tokenizer); returns the PipelineReport."""
     from slimgraph.compiler.passmanager import DEFAULT_PIPELINE, run_pipeline
 
     if options.shapes:
         module = specialize(module, bind_from_shapes(module, options.shapes))
         verify(module, source="specialized module")
+    passes = list(options.passes or DEFAULT_PIPELINE)
+    if options.recipe is not None and not options.recipe.empty:
+        passes = _compression_pipeline(module, options, model_path)
     return run_pipeline(
-        module, tuple(options.passes or DEFAULT_PIPELINE), verify=options.verify,
+        module, passes, verify=options.verify,
         print_after=set(options.print_after), dump_dir=options.dump_ir, on_event=on_event,
     )
+
+
+def _compression_pipeline(module: Module, options: CompileOptions, model_path: str | None) -> list:
+    from slimgraph.compiler.calibration import load_batches
+    from slimgraph.compiler.errors import UsageError
+    from slimgraph.passes._compress import CompressionContext
+    from slimgraph.passes.compression import compression_pipeline
+
+    if options.passes:
+        raise UsageError("--passes cannot be combined with compression options; the compression steps "
+                         "run between the cleanup passes and fusion")
+    spec = options.recipe.calibration
+    context = CompressionContext(options.recipe, lambda: load_batches(spec, module, model_path),
+                                 explicit=spec.path is not None)
+    return compression_pipeline(context)
 
 
 def compile_model(model, output: str | Path, options: CompileOptions | None = None, *,
@@ -98,7 +122,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
     weight_bytes_before = module.weight_bytes()
     with writer as tmp:
         t0 = time.perf_counter()
-        pipeline = optimize(module, options, on_event=on_event)
+        pipeline = optimize(module, options, model_path=model_path, on_event=on_event)
         timings["passes"] = time.perf_counter() - t0
         if options.dump_ir is not None:
             shutil.copytree(options.dump_ir, tmp / "ir")
@@ -123,6 +147,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "input_model": {"name": model_name,
                             "sha256": model_hash(model_path)},
             "pipeline": list(options.passes or [r.name for r in pipeline.records]),
+            "recipe": options.recipe.to_dict() if options.recipe is not None else None,
             "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,
                         "schedule": options.schedule, "mcpu": options.mcpu, "dump_ir": options.dump_ir is not None},
             "entries": build.entries,

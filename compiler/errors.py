@@ -61,6 +61,18 @@ class ShapeSpecError(UsageError):
     code = "SG-105"
 
 
+class CompressionOptionError(UsageError):
+    """A compression setting out of range (sparsity, rank ratio, bits) or a bad recipe file."""
+
+    code = "SG-106"
+
+
+class RecipeLayerError(UsageError):
+    """A recipe rule names a layer the model does not have."""
+
+    code = "SG-107"
+
+
 # ----------------------------------------------------------------------------- bad input (exit 3)
 class BadInputError(SlimgraphError):
     """A model, artifact or input file is malformed, inconsistent or unsafe."""
@@ -106,6 +118,12 @@ class RuntimeInputError(BadInputError):
 
 class IRParseError(BadInputError):
     code = "SG-209"
+
+
+class CalibrationError(BadInputError):
+    """Calibration data missing, empty, unreadable or not matching the model's inputs."""
+
+    code = "SG-210"
 
 
 # ----------------------------------------------------------------------------- unsupported (exit 4)

@@ -6,7 +6,7 @@ shapes of the actual inputs (``T`` = 7 when ``%input_ids: i64[1,T]`` gets a 1x7 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,8 +47,10 @@ def check_inputs(fn: Function, arrays: Sequence[np.ndarray]) -> dict[str, int]:
 
 
 def run_function(module: Module, fn: Function, arrays: Sequence[np.ndarray], *,
-                 env: dict | None = None, keep: bool = False) -> list[np.ndarray] | dict[str, np.ndarray]:
-    """Evaluate ``fn``. With ``keep=True`` returns every intermediate value by name."""
+                 env: dict | None = None, keep: bool = False,
+                 observe: Callable[[str, np.ndarray], None] | None = None) -> list[np.ndarray] | dict[str, np.ndarray]:
+    """Evaluate ``fn``. With ``keep=True`` returns every intermediate value by name; ``observe(name,
+    value)`` sees each value of ``fn`` as it is computed (calibration statistics)."""
     env = check_inputs(fn, arrays) if env is None else env
     values: dict[str, np.ndarray] = {p.name: a for p, a in zip(fn.params, arrays)}
     remaining = _last_uses(fn) if not keep else {}
@@ -61,6 +63,8 @@ def run_function(module: Module, fn: Function, arrays: Sequence[np.ndarray], *,
             ctx = RefContext(node.type.concrete(env), node.type.dtype, env)
             out = node.op.reference(ins, node.attrs, ctx)
         values[node.name] = np.asarray(out)
+        if observe is not None:
+            observe(node.name, values[node.name])
         for dead in remaining.get(i, ()):
             values.pop(dead, None)
     if keep:
@@ -83,7 +87,8 @@ def _last_uses(fn: Function) -> dict[int, list[str]]:
     return out
 
 
-def run(module: Module, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, function: str | None = None):
+def run(module: Module, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, function: str | None = None,
+        observe: Callable[[str, np.ndarray], None] | None = None):
     """Run an entry function (default: the first) on inputs given by name or position."""
     fn = module.functions[function] if function else module.main
     if isinstance(inputs, Mapping):
@@ -93,4 +98,4 @@ def run(module: Module, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
         arrays = [np.asarray(inputs[p.name]) for p in fn.params]
     else:
         arrays = [np.asarray(a) for a in inputs]
-    return run_function(module, fn, arrays)
+    return run_function(module, fn, arrays, observe=observe)

@@ -32,6 +32,7 @@ class DType(enum.Enum):
     i16 = "i16"
     i32 = "i32"
     i64 = "i64"
+    u32 = "u32"
     bool = "bool"
 
     @property
@@ -61,7 +62,7 @@ class DType(enum.Enum):
 _TO_NUMPY = {
     DType.f16: "float16", DType.f32: "float32", DType.f64: "float64", DType.i8: "int8",
     DType.u8: "uint8", DType.i16: "int16", DType.i32: "int32", DType.i64: "int64",
-    DType.bool: "bool",
+    DType.u32: "uint32", DType.bool: "bool",
 }
 
 

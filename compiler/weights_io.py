@@ -16,7 +16,7 @@ import numpy as np
 from slimgraph.compiler.errors import ModelLoadError
 
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
-              "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+              "I16": np.int16, "I32": np.int32, "U32": np.uint32, "I64": np.int64, "BOOL": np.bool_}
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -80,7 +80,7 @@ class _Folder:
 
     def evaluate(self, node: Node) -> None:
         """Record the value of ``node`` if it is known."""
-        if not node.op.pure or node.op is CALL or not node.type.is_static:
+        if not (node.op.pure and node.op.foldable) or node.op is CALL or not node.type.is_static:
             return
         inputs = [self.array_of(i) for i in node.inputs]
         if any(a is None for a in inputs) or not self.small_enough(node, inputs):

@@ -6,7 +6,7 @@ groups convex (no path leaves a group and comes back), so calling each group at 
 its root keeps the entry topologically ordered. Groups are built greedily in three phases:
 
 1. **Anchors**, in program order. A CONTRACTION (matmul, conv2d) takes a *prologue*: producers of
-   its operands that are elementwise ops, transpose, reshape or broadcast_to, used only inside the
+   its operands that are elementwise ops, transpose, reshape, broadcast_to or dequantize, used only inside the
    group (recursively). A REDUCTION/NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm,
    rms_norm, pooling) takes an elementwise-only prologue (the scale and mask add before softmax).
    Then both take an *epilogue*: while the root has a single user that is elementwise and
@@ -40,7 +40,7 @@ from slimgraph.compiler.passmanager import PassResult, register_pass
 ANCHOR_CATEGORIES = (OpCategory.CONTRACTION, OpCategory.REDUCTION, OpCategory.NORMALIZATION)
 SCANS = frozenset({ops.CUMSUM})
 INJECTIVE = (OpCategory.ELEMENTWISE, OpCategory.LAYOUT)
-CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO})
+CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.DEQUANTIZE})
 
 
 @dataclass

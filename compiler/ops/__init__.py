@@ -8,3 +8,4 @@ from slimgraph.compiler.ops.elementwise import UNARY_FLOAT_OPS  # noqa: F401
 from slimgraph.compiler.ops.reduction import *  # noqa: F401,F403
 from slimgraph.compiler.ops.layout import *  # noqa: F401,F403
 from slimgraph.compiler.ops.nn import *  # noqa: F401,F403
+from slimgraph.compiler.ops.quantization import *  # noqa: F401,F403

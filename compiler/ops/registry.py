@@ -134,7 +134,9 @@ RefFn = Callable[[Sequence[np.ndarray], Attrs, RefContext], np.ndarray]
 
 @dataclass(eq=False)
 class OpDef:
-    """One op kind. ``arity`` is the number of inputs (None for variadic)."""
+    """One op kind. ``arity`` is the number of inputs (None for variadic). ``foldable=False`` keeps
+    constant folding away from an op even when all its inputs are weights (``dequantize``: folding
+    it would store the full-precision matrix the quantization was meant to remove)."""
 
     name: str
     category: OpCategory
@@ -143,6 +145,7 @@ class OpDef:
     attrs: tuple = ()
     arity: int | tuple | None = 1
     pure: bool = True
+    foldable: bool = True
     commutative: bool = False
     doc: str = ""
 

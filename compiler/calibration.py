@@ -1,0 +1,188 @@
+"""Calibration data and the activation statistics that compression methods need.
+
+Sources (``--calib``): a text file, tokenized with the model's own tokenizer and cut into
+``samples`` windows of ``seq_len`` consecutive tokens; an ``.npz`` file whose arrays are named
+like the model's inputs (one call each, or stacked along a leading sample axis); or, by default,
+the built-in calibration text (Wikipedia articles disjoint from the evaluation slice).
+
+Statistics are streamed: the reference interpreter runs one calibration sample at a time and
+:class:`StatsCollector` folds each observed activation ``X`` (rows = tokens, K = features) into
+
+* ``hessian``  = mean over tokens of ``x x^T`` (K x K, float64) -- GPTQ, SparseGPT, whitening;
+* ``abs_mean`` = mean over tokens of ``|x|`` (K) -- AWQ, ASVD;
+* ``sample``   = up to ``sample_rows`` token rows kept by reservoir sampling -- AWQ's scale
+  search and the per-layer output error (SQNR) in the compile report,
+
+so no sample's activations outlive its own forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from slimgraph.compiler.errors import CalibrationError
+from slimgraph.compiler.ir import Module
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration data comes from: ``path`` None means the built-in text."""
+
+    path: str | None = None
+    samples: int = 16
+    seq_len: int = 512
+
+    def describe(self) -> str:
+        where = self.path or "built-in Wikipedia calibration text"
+        return f"{where} ({self.samples} x {self.seq_len} tokens)"
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one activation (see the module docstring)."""
+
+    hessian: np.ndarray
+    abs_mean: np.ndarray
+    sample: np.ndarray
+    tokens: int = 0
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
+
+    @classmethod
+    def empty(cls, k: int, sample_rows: int) -> "InputStats":
+        return cls(np.zeros((k, k)), np.zeros(k), np.zeros((0, k), np.float32), 0)
+
+    def add(self, rows: np.ndarray, sample_rows: int) -> None:
+        x = rows.astype(np.float64)
+        n, total = len(x), self.tokens + len(x)
+        self.hessian += (x.T @ x - n * self.hessian) / total
+        self.abs_mean += (np.abs(x).sum(axis=0) - n * self.abs_mean) / total
+        self._reservoir(rows.astype(np.float32), sample_rows)
+        self.tokens = total
+
+    def _reservoir(self, rows: np.ndarray, sample_rows: int) -> None:
+        """Keep a uniform random subset of at most ``sample_rows`` rows of everything seen."""
+        room = sample_rows - len(self.sample)
+        if room > 0:
+            self.sample = np.concatenate([self.sample, rows[:room]])
+            rows, seen = rows[room:], self.tokens + room
+        else:
+            seen = self.tokens
+        if len(rows) == 0:
+            return
+        slots = self._rng.integers(0, seen + np.arange(1, len(rows) + 1))
+        keep = slots < sample_rows
+        self.sample[slots[keep]] = rows[keep]
+
+    @property
+    def sq_mean(self) -> np.ndarray:
+        """Mean of x_j^2 per input channel (the Hessian's diagonal)."""
+        return np.diag(self.hessian).copy()
+
+
+def collect_stats(module: Module, batches: Iterable[Batch], values: Iterable[str], *,
+                  sample_rows: int = 512) -> dict[str, InputStats]:
+    """Run the module's entry function on every batch and gather :class:`InputStats` for each
+    named value of it (float tensors whose last axis is the feature axis)."""
+    from slimgraph.compiler import interpreter
+
+    wanted = set(values)
+    stats: dict[str, InputStats] = {}
+
+    def observe(name: str, value: np.ndarray) -> None:
+        if name in wanted:
+            rows = value.reshape(-1, value.shape[-1])
+            stats.setdefault(name, InputStats.empty(rows.shape[1], sample_rows)).add(rows, sample_rows)
+
+    count = 0
+    for batch in batches:
+        interpreter.run(module, batch, observe=observe)
+        count += 1
+    if count == 0:
+        raise CalibrationError("calibration data is empty: no sample to compute activation statistics from")
+    return stats
+
+
+# ----------------------------------------------------------------------------- loading samples
+def load_batches(spec: CalibrationSpec, module: Module, model_folder: str | None) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs for the module's entry function, from ``spec``."""
+    if spec.samples < 1 or spec.seq_len < 2:
+        raise CalibrationError(f"calibration needs at least 1 sample of 2 tokens, got {spec.samples} x {spec.seq_len}")
+    if spec.path is not None and Path(spec.path).suffix == ".npz":
+        return _npz_batches(Path(spec.path), module)
+    if spec.path is not None:
+        text_path = Path(spec.path)
+    else:
+        from slimgraph.models.wiki_text import wiki_split
+
+        text_path = wiki_split().calibration
+    return _text_batches(text_path, spec, module, model_folder)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read calibration text ({exc})") from None
+    if not text.strip():
+        raise CalibrationError(f"{path}: calibration text is empty")
+    return text
+
+
+def _text_batches(path: Path, spec: CalibrationSpec, module: Module, folder: str | None) -> list[dict]:
+    text = _read_text(path)
+    if folder is None or not (Path(folder) / "tokenizer_config.json").is_file():
+        raise CalibrationError(f"{path}: the model has no tokenizer to turn calibration text into tokens; "
+                               "pass --calib FILE.npz with input arrays instead")
+    from transformers import AutoTokenizer
+
+    ids = np.asarray(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], np.int64)
+    windows = [ids[i:i + spec.seq_len] for i in range(0, len(ids) - 1, spec.seq_len)][: spec.samples]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise CalibrationError(f"{path}: calibration text has fewer than 2 tokens")
+    return [_token_inputs(module, w) for w in windows]
+
+
+def _token_inputs(module: Module, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of a text model for one window: ids, an all-ones mask, zero token types."""
+    fills = {"attention_mask": 1, "token_type_ids": 0}
+    out = {}
+    for p in module.main.params:
+        if p.name == "input_ids":
+            out[p.name] = ids[None, :].astype(p.type.dtype.numpy)
+        elif p.name in fills:
+            out[p.name] = np.full((1, len(ids)), fills[p.name], p.type.dtype.numpy)
+        elif p.name == "position_ids":
+            out[p.name] = np.arange(len(ids), dtype=p.type.dtype.numpy)[None, :]
+        else:
+            raise CalibrationError(f"cannot build input {p.name!r} from text; pass --calib FILE.npz instead")
+    return out
+
+
+def _npz_batches(path: Path, module: Module) -> list[dict[str, np.ndarray]]:
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
+    params = module.main.params
+    missing = [p.name for p in params if p.name not in arrays]
+    if missing:
+        raise CalibrationError(f"{path}: no array for model input(s) {missing} (has {sorted(arrays)})")
+    stacked = all(arrays[p.name].ndim == p.type.rank + 1 for p in params)
+    if not stacked:
+        return [{p.name: arrays[p.name] for p in params}]
+    count = len(arrays[params[0].name])
+    if count == 0:
+        raise CalibrationError(f"{path}: calibration arrays hold no samples")
+    return [{p.name: arrays[p.name][i] for p in params} for i in range(count)]
