@@ -23,6 +23,7 @@ class BuildResult:
     timings: dict
     num_functions: int
     tvm_version: str
+    sparse_weights: dict = None   # name -> stored bytes of weights kept in the sparse format
 
 
 def build_artifact_files(module: Module, directory: Path, options, *, on_event=lambda k, p: None) -> BuildResult:
@@ -43,8 +44,8 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     on_event("stage_end", {"stage": "build"})
     t0 = time.perf_counter()
     used = sorted({w for sig in lowered.entries.values() for w in sig.weights})
-    write_safetensors({name: module.weights[name].array for name in used}, directory / WEIGHTS)
+    sparse = write_safetensors({name: module.weights[name].array for name in used}, directory / WEIGHTS, sparse=True)
     timings["write_weights"] = time.perf_counter() - t0
     entries = {name: {"inputs": sig.inputs, "weights": sig.weights, "outputs": sig.outputs}
                for name, sig in lowered.entries.items()}
-    return BuildResult(spec, entries, timings, num_functions, tvm.__version__)
+    return BuildResult(spec, entries, timings, num_functions, tvm.__version__, sparse)

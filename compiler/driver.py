@@ -136,7 +136,9 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "nodes": {"input": module.num_nodes(), "output": pipeline.module.num_nodes()},
             "kernels": {"input": module.num_kernels(), "output": pipeline.module.num_kernels(),
                         "relax_functions": build.num_functions},
-            "weight_bytes": {"input": weight_bytes_before, "output": pipeline.module.weight_bytes()},
+            "weight_bytes": {"input": weight_bytes_before, "output": pipeline.module.weight_bytes(),
+                             "stored": (tmp / "weights.safetensors").stat().st_size,
+                             "sparse_stored": build.sparse_weights},
             "compile_seconds": {k: round(v, 3) for k, v in timings.items()},
         }
         write_json(tmp / REPORT, report)

@@ -23,10 +23,18 @@ from slimgraph.compiler.ir import Function, Module, Node
 from slimgraph.compiler.types import DType
 
 _SUFFIXES = (".weight.T", ".weight", ".T")
+_DERIVED = (".pruned", ".lowrank_u", ".lowrank_v")
 
 
 def layer_name(weight: str) -> str:
-    """``model.layers.0.mlp.down_proj.weight.T`` -> ``model.layers.0.mlp.down_proj``."""
+    """``model.layers.0.mlp.down_proj.weight.T`` -> ``model.layers.0.mlp.down_proj``; weights that
+    earlier compression steps derived (``....weight.T.pruned``, ``.lowrank_u``) keep their layer's name."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _DERIVED:
+            if weight.endswith(suffix):
+                weight, stripped = weight[: -len(suffix)], True
     for suffix in _SUFFIXES:
         if weight.endswith(suffix):
             return weight[: -len(suffix)]
