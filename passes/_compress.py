@@ -93,11 +93,14 @@ class Replacement(Protocol):
 
 def rewrite_readers(module: Module, weights: dict[str, Weight], replacements: dict[str, Replacement]) -> Module:
     """Rebuild every entry function, routing each reader of a weight in ``replacements`` through
-    its replacement (``matmul(x, @W)`` and ``take(@W, ids)``)."""
+    its replacement (``matmul(x, @W)`` and ``take(@W, ids)``); replaced weights nothing reads any
+    more are dropped."""
     functions = dict(module.functions)
     for fn in module.entries:
         functions[fn.name] = _rewrite_function(module, fn, weights, replacements)
-    return Module(functions, weights, module.metadata)
+    new = Module(functions, weights, module.metadata)
+    unread = set(replacements) - new.used_weights()
+    return new.with_weights({k: v for k, v in weights.items() if k not in unread})
 
 
 def _rewrite_function(module: Module, fn: Function, weights: dict, replacements: dict) -> Function:
