@@ -77,7 +77,8 @@ class CompiledModel:
         self.target = TargetSpec.from_dict(self.manifest["target"])
         check_runnable_here(self.target, str(self.path))
         self.device = tvm.cpu(0)
-        library = tvm.runtime.load_module(str(info.library))
+        library_path = _unique_library_path(info.library, self.manifest) if verify_hashes else info.library
+        library = tvm.runtime.load_module(str(library_path))
         self.vm = tvm.relax.VirtualMachine(library, self.device)
         arrays = read_safetensors(info.weights)
         self.weight_tensors = {name: tvm.runtime.tensor(np.asarray(a, order="C"), self.device)
@@ -98,6 +99,31 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.main(*args, **kwargs)
+
+
+def _unique_library_path(library: Path, manifest: dict) -> Path:
+    """A private copy of the library named after its sha256. The dynamic loader hands back an
+    already loaded library when the path -- or the file's inode, which a rebuilt artifact may
+    reuse -- matches, so reloading an artifact rebuilt in place would run the old kernels; a copy
+    that outlives this process's libraries has its own name and inode. Only used once the file's
+    sha256 was checked against the manifest."""
+    import shutil
+    import tempfile
+
+    digest = manifest.get("files", {}).get(library.name)
+    if digest is None:
+        return library
+    folder = Path(tempfile.gettempdir()) / f"slimgraph-libraries-{os.getuid()}"
+    copy = folder / f"{digest[:32]}{library.suffix}"
+    try:
+        if not copy.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{copy.name}.{os.getpid()}.tmp"
+            shutil.copyfile(library, tmp)
+            os.replace(tmp, copy)
+    except OSError:
+        return library
+    return copy
 
 
 def use_threads(threads: int | None) -> None:

@@ -85,6 +85,39 @@ class InputStats:
         return np.diag(self.hessian).copy()
 
 
+_RECENT: dict[str, dict] = {}
+_RECENT_LIMIT = 2
+
+
+def fingerprint(module: Module, batches: list[Batch]) -> str:
+    """Content hash of a module (its printed IR, weight digests included) and calibration inputs."""
+    import hashlib
+
+    from slimgraph.compiler.printer import print_module
+
+    h = hashlib.blake2b(print_module(module).encode(), digest_size=16)
+    for batch in batches:
+        for name in sorted(batch):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(batch[name]).tobytes())
+    return h.hexdigest()
+
+
+def cached_stats(module: Module, batches: list[Batch], values: Iterable[str]) -> dict[str, InputStats]:
+    """:func:`collect_stats` remembering the statistics of the two most recent (module, data) pairs, so
+    compilations that calibrate the same module on the same data (a sweep over quantizers, or
+    several steps reading one activation) run the calibration forward passes once."""
+    key = fingerprint(module, batches)
+    known = _RECENT.pop(key, {})
+    _RECENT[key] = known                      # most recent last
+    while len(_RECENT) > _RECENT_LIMIT:
+        _RECENT.pop(next(iter(_RECENT)))
+    missing = set(values) - set(known)
+    if missing:
+        known.update(collect_stats(module, batches, missing))
+    return {v: known[v] for v in values if v in known}
+
+
 def collect_stats(module: Module, batches: Iterable[Batch], values: Iterable[str], *,
                   sample_rows: int = 512) -> dict[str, InputStats]:
     """Run the module's entry function on every batch and gather :class:`InputStats` for each

@@ -123,17 +123,31 @@ def inspect_cmd(
 @app.command("eval")
 def eval_cmd(
     target: str = typer.Argument(..., help="compiled artifact directory, or a model to compile first"),
-    metric: str = typer.Option("ppl", "--metric", help="ppl: perplexity of a causal LM"),
+    metric: str = typer.Option("ppl", "--metric", help="ppl: perplexity of a causal LM; embedding: sentence-embedding "
+                               "cosine of an encoder to its fp32 model"),
     text: Optional[Path] = typer.Option(None, "--text", help="text file (default: the fixed Wikipedia slice)"),
     window: int = typer.Option(512, "--window", help="tokens per evaluation window"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="evaluate only the first N tokens"),
+    max_sentences: int = typer.Option(256, "--max-sentences", help="sentences compared by --metric embedding"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
-    """Measure a model with its compiled artifact (perplexity on held-out text)."""
+    """Measure a model with its compiled artifact (perplexity, or embedding cosine to the fp32 model)."""
     from slimgraph.compiler.cli_commands import run_eval
 
     _guarded(as_json, run_eval, target=target, metric=metric, text=text, window=window, max_tokens=max_tokens,
-             as_json=as_json)
+             max_sentences=max_sentences, as_json=as_json)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    sweep_file: Path = typer.Argument(..., help="sweep file (TOML): model, eval settings, one config table each"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for artifacts, cached results and the table"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Compile and evaluate a grid of compression settings: size / perplexity table (JSON, markdown) and plot."""
+    from slimgraph.compiler.cli_commands import run_sweep_command
+
+    _guarded(as_json, run_sweep_command, sweep_file=sweep_file, output=output, as_json=as_json)
 
 
 def main(argv: list[str] | None = None) -> int:

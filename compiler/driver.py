@@ -66,11 +66,30 @@ def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None
     from slimgraph.models.registry import load_source, resolve_model
 
     source = resolve_model(str(model))
+    path = getattr(source, "path", None)
     on_event("stage_start", {"stage": "load", "detail": str(model)})
-    module = load_source(source)
-    verify(module, source=str(model))
+    key = (str(model), _files_state(path))
+    if _LOADED.get("key") != key or key[1] is None:
+        module = load_source(source)
+        verify(module, source=str(model))
+        _LOADED.update(key=key, module=module)
+    module = _LOADED["module"]
     on_event("stage_end", {"stage": "load", "nodes": module.num_nodes()})
-    return module, getattr(source, "path", None)
+    return module, path
+
+
+_LOADED: dict = {}
+"""The most recently loaded model: a sweep compiles one model many times in one process, and
+tracing it through torch.export dominates a compile. Modules are immutable, so sharing is safe."""
+
+
+def _files_state(path) -> tuple | None:
+    """(name, size, mtime) of every file of a model path: changes whenever the files do."""
+    if path is None or not Path(path).exists():
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def optimize(module: Module, options: CompileOptions, *, model_path: str | None = None,

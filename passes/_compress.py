@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from slimgraph.compiler import ops
-from slimgraph.compiler.calibration import InputStats, collect_stats
+from slimgraph.compiler.calibration import InputStats, cached_stats
 from slimgraph.compiler.errors import CalibrationError, NonFiniteWeightError
 from slimgraph.compiler.ir import Function, Module, Node, Weight
 from slimgraph.compiler.recipe import Recipe
@@ -47,7 +47,7 @@ class CompressionContext:
         return self._batches
 
     def stats(self, module: Module, values, why: str) -> dict[str, InputStats]:
-        return collect_stats(module, self.batches(why), values)
+        return cached_stats(module, self.batches(why), values)
 
     def optional_stats(self, module: Module, values) -> dict[str, InputStats]:
         """Statistics on the first REPORT_SAMPLES calibration windows when calibration data exists
@@ -55,7 +55,7 @@ class CompressionContext:
         if self.load_batches is None:
             return {}
         try:
-            return collect_stats(module, self.batches("the output-error report")[:REPORT_SAMPLES], values)
+            return cached_stats(module, self.batches("the output-error report")[:REPORT_SAMPLES], values)
         except CalibrationError:
             if self.explicit:
                 raise
