@@ -9,7 +9,8 @@ with the codes packed into uint32 words and float16 group scales (see
 :mod:`slimgraph.passes.quant_format`). Fusion later puts ``dequantize`` (and the AWQ scaling of
 x) into the matmul's kernel, so the float matrix never exists at run time. A token embedding
 tied to the quantized LM head (``take(@W, ids, axis=1)``) gathers packed columns first and
-dequantizes only what it picked.
+dequantizes only what it picked; an untied embedding table is quantized the same way
+(:mod:`slimgraph.passes.quantize_embedding`).
 
 Methods: RTN quantizes each group independently. GPTQ minimizes ``||X W - X W_hat||^2`` column
 by column with the inverse Hessian ``H = E[x x^T]`` of the layer's inputs, compensating each
@@ -22,7 +23,7 @@ A K that is not a multiple of the group size gets a shorter last group (reported
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 
 import numpy as np
@@ -35,6 +36,7 @@ from slimgraph.passes._compress import (CompressionContext, layer_row, rewrite_r
                                         weight_matrix)
 from slimgraph.passes._linear import LinearLayer, output_sqnr_db
 from slimgraph.passes._rewrite import Rewriter, add_weight
+from slimgraph.passes.quantize_embedding import RowGather, select_tables, table_row
 from slimgraph.passes.quant_format import QuantizedMatrix, QuantSpec
 
 
@@ -138,7 +140,8 @@ class QuantizePass:
     def __call__(self, module: Module) -> PassResult:
         chosen = select_layers(module, self.context.recipe, "quantize")
         chosen = [(layer, s) for layer, s in chosen if _readers_supported(module, layer)]
-        if not chosen:
+        tables = select_tables(module, self.context.recipe)
+        if not chosen and not tables:
             return PassResult(module, False, summarize([]))
         needs = any(s.needs_calibration for _, s in chosen)
         inputs = {layer.input for layer, _ in chosen}
@@ -150,6 +153,8 @@ class QuantizePass:
         for (_, _, settings), group in groupby(sorted(chosen, key=lambda i: _order(i, chosen)), key=key):
             group = list(group)
             self._quantize_group(module, group, settings, stats, weights, replacements, rows)
+        for table, settings in tables:
+            _quantize_table(module, table, settings, weights, replacements, rows)
         new = rewrite_readers(module, weights, replacements)
         bytes_before = sum(r["bytes_before"] for r in rows)
         bytes_after = sum(r["bytes_after"] for r in rows)
@@ -169,6 +174,14 @@ class QuantizePass:
             sample = None if layer_stats is None else layer_stats.sample
             sqnr = None if sample is None or not len(sample) else output_sqnr_db(sample, w, w_hat)
             rows.append(_row(layer, settings, q, sqnr))
+
+
+def _quantize_table(module, table: LinearLayer, settings, weights, replacements, rows) -> None:
+    """An embedding table, stored transposed (see :mod:`slimgraph.passes.quantize_embedding`)."""
+    array = weight_matrix(module, table)
+    q = _quantize_one(np.ascontiguousarray(array.T), replace(settings, method="rtn"), None)
+    replacements[table.weight] = RowGather(_store(weights, replace(table, weight=f"{table.weight}.T"), q, None))
+    rows.append(table_row(table, settings, q, array))
 
 
 def _order(item, chosen) -> tuple:

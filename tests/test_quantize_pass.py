@@ -156,3 +156,22 @@ def test_tvm_dequantize_kernels_match_interpreter(tmp_path, bits, group, symmetr
         want = interpreter.run(quantized, inputs)[0]
         got = model(**inputs)[0]
         assert compare_outputs(want, got).ok, compare_outputs(want, got).message
+
+
+def test_untied_embedding_tables_are_quantized_and_gathered_packed(tmp_path):
+    import slimgraph
+    from slimgraph.compiler.driver import CompileOptions, compile_model, load_model
+
+    module = run_pipeline(load_model("tiny-bert")[0], CLEANUP).module
+    inputs = make_sample_inputs(module, seed=1, symbol_value=7)
+    result = quantize(module, QuantizeSettings("gptq", 8, None, True))
+    tables = {r["layer"]: r for r in result.stats["layers"] if r.get("embedding_table")}
+    assert "embeddings.word_embeddings" in tables
+    assert tables["embeddings.word_embeddings"]["weight_sqnr_db"] > 35
+    assert "rounded to nearest" in tables["embeddings.word_embeddings"]["fallback"]
+    assert "embeddings.word_embeddings.weight" not in result.module.weights
+    reference = interpreter.run(module, inputs)[0]
+    got = interpreter.run(result.module, inputs)[0]
+    assert compare_outputs(reference, got).cosine > 0.999
+    model = slimgraph.load(compile_model(result.module, tmp_path / "bert", CompileOptions()))
+    assert compare_outputs(got, model(**inputs)[0]).ok
