@@ -203,13 +203,18 @@ def parse_n_m(text: str) -> tuple[int, int]:
     return n, m
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """The tables of a TOML file; unreadable or malformed files raise CompressionOptionError."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CompressionOptionError(f"{path}: cannot read {what} ({exc})") from None
+
+
 def recipe_from_toml(path: str | Path) -> Recipe:
     """Parse a recipe file (see the module docstring)."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CompressionOptionError(f"{path}: cannot read recipe ({exc})") from None
+    data = read_toml(path, "recipe")
     unknown = set(data) - set(STEPS) - {"rules", "calibration"}
     _check(not unknown, f"{path}: unknown section(s) {sorted(unknown)}")
     steps = {s: _build(STEPS[s], data[s], f"{path} [{s}]") for s in STEPS if s in data}

@@ -35,13 +35,12 @@ import json
 import math
 import re
 import time
-import tomllib
 import typing
 from pathlib import Path
 from typing import Callable
 
 from slimgraph.compiler.errors import ArtifactIntegrityError, CompressionOptionError, SlimgraphError
-from slimgraph.compiler.recipe import Recipe, recipe_from_flags
+from slimgraph.compiler.recipe import Recipe, read_toml, recipe_from_flags
 
 EventFn = Callable[[str, dict], None]
 Evaluate = Callable[[Path, int, "int | None"], object]   # (artifact, window, max_tokens) -> PerplexityResult
@@ -97,10 +96,7 @@ def _fits(value, hint) -> bool:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; every configuration's recipe is built (and checked) now."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CompressionOptionError(f"{path}: cannot read sweep file ({exc})") from None
+    data = read_toml(path, "sweep file")
     unknown = sorted(set(data) - set(TOP_KEYS))
     _require(not unknown, f"{path}: unknown key(s) {unknown}; a sweep file has {', '.join(TOP_KEYS)}")
     _require(isinstance(data.get("model"), str) and bool(data["model"]), f'{path}: needs model = "name or path"')
