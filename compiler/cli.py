@@ -132,7 +132,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Measure a model with its compiled artifact (perplexity, or embedding cosine to the fp32 model)."""
-    from slimgraph.compiler.cli_commands import run_eval
+    from slimgraph.compiler.cli_eval import run_eval
 
     _guarded(as_json, run_eval, target=target, metric=metric, text=text, window=window, max_tokens=max_tokens,
              max_sentences=max_sentences, as_json=as_json)
@@ -145,7 +145,7 @@ def sweep_cmd(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Compile and evaluate a grid of compression settings: size / perplexity table (JSON, markdown) and plot."""
-    from slimgraph.compiler.cli_commands import run_sweep_command
+    from slimgraph.compiler.cli_eval import run_sweep_command
 
     _guarded(as_json, run_sweep_command, sweep_file=sweep_file, output=output, as_json=as_json)
 

@@ -170,7 +170,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, on_event: EventFn = _quiet, e
 
 
 def _artifact_ppl(path: Path, window: int, max_tokens: int | None):
-    from slimgraph.compiler.cli_commands import artifact_perplexity
+    from slimgraph.compiler.cli_eval import artifact_perplexity
 
     return artifact_perplexity(path, None, window, max_tokens)[0]
 
