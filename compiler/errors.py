@@ -120,6 +120,13 @@ class IRParseError(BadInputError):
     code = "SG-209"
 
 
+class CompressionError(BadInputError):
+    """A layer cannot be compressed as asked: weights beyond float16 scales, non-finite calibration
+    activations, a Hessian that stays singular."""
+
+    code = "SG-211"
+
+
 class CalibrationError(BadInputError):
     """Calibration data missing, empty, unreadable or not matching the model's inputs."""
 

@@ -29,6 +29,7 @@ from itertools import groupby
 import numpy as np
 
 from slimgraph.compiler import ops
+from slimgraph.compiler.errors import CompressionError
 from slimgraph.compiler.ir import Module, Node
 from slimgraph.compiler.passmanager import PassInfo, PassResult
 from slimgraph.compiler.recipe import QuantizeSettings
@@ -164,10 +165,14 @@ class QuantizePass:
         layers = [layer for layer, _ in group]
         ws = [weight_matrix(module, layer) for layer in layers]
         layer_stats = stats.get(layers[0].input)
-        if settings.method == "awq":
-            scale, matrices = _quantize_awq(ws, settings, layer_stats)
-        else:
-            scale, matrices = None, [_quantize_one(w, settings, layer_stats) for w in ws]
+        try:
+            if settings.method == "awq":
+                scale, matrices = _quantize_awq(ws, settings, layer_stats)
+            else:
+                scale, matrices = None, [_quantize_one(w, settings, layer_stats) for w in ws]
+        except ValueError as exc:
+            names = ", ".join(layer.name for layer in layers)
+            raise CompressionError(f"cannot quantize layer(s) {names} ({settings.method}, {settings.bits} bits): {exc}") from None
         for layer, w, q in zip(layers, ws, matrices):
             replacements[layer.weight] = _store(weights, layer, q, scale)
             w_hat = q.dequantize() if scale is None else q.dequantize() / scale[:, None]
@@ -179,7 +184,10 @@ class QuantizePass:
 def _quantize_table(module, table: LinearLayer, settings, weights, replacements, rows) -> None:
     """An embedding table, stored transposed (see :mod:`slimgraph.passes.quantize_embedding`)."""
     array = weight_matrix(module, table)
-    q = _quantize_one(np.ascontiguousarray(array.T), replace(settings, method="rtn"), None)
+    try:
+        q = _quantize_one(np.ascontiguousarray(array.T), replace(settings, method="rtn"), None)
+    except ValueError as exc:
+        raise CompressionError(f"cannot quantize embedding table {table.weight}: {exc}") from None
     replacements[table.weight] = RowGather(_store(weights, replace(table, weight=f"{table.weight}.T"), q, None))
     rows.append(table_row(table, settings, q, array))
 

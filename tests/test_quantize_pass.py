@@ -175,3 +175,15 @@ def test_untied_embedding_tables_are_quantized_and_gathered_packed(tmp_path):
     assert compare_outputs(reference, got).cosine > 0.999
     model = slimgraph.load(compile_model(result.module, tmp_path / "bert", CompileOptions()))
     assert compare_outputs(got, model(**inputs)[0]).ok
+
+
+def test_weights_beyond_float16_scales_fail_with_the_layer_named():
+    from slimgraph.compiler.errors import CompressionError
+
+    module = cleaned(layers=1, D=32, F=64)
+    weights = dict(module.weights)
+    huge = np.array(weights["l0.gate.T"].array)
+    huge[:, 3] = 1e30
+    weights["l0.gate.T"] = Weight(huge)
+    with pytest.raises(CompressionError, match="l0.gate"):
+        quantize(module.with_weights(weights), QuantizeSettings("rtn", 4, 16), calibrated=False)
