@@ -187,3 +187,27 @@ def test_weights_beyond_float16_scales_fail_with_the_layer_named():
     weights["l0.gate.T"] = Weight(huge)
     with pytest.raises(CompressionError, match="l0.gate"):
         quantize(module.with_weights(weights), QuantizeSettings("rtn", 4, 16), calibrated=False)
+
+
+def test_all_steps_compose_in_one_compile_and_the_recipe_is_recorded(tmp_path):
+    import json
+
+    import slimgraph
+    from slimgraph.compiler.driver import CompileOptions, compile_model, load_model
+    from slimgraph.compiler.recipe import recipe_from_flags
+
+    recipe = recipe_from_flags(prune=0.3, prune_ffn=0.25, lowrank=0.1, quantize="int8", group_size=0)
+    out = compile_model("tiny-llama", tmp_path / "all", CompileOptions(recipe=recipe))
+    report = json.loads((out / "report.json").read_text())
+    names = [p["name"] for p in report["passes"]]
+    assert names.index("prune") < names.index("structured") < names.index("lowrank") < names.index("quantize") \
+        < names.index("fuse")
+    assert all(p["changed"] for p in report["passes"] if p["name"] in ("prune", "structured", "lowrank", "quantize"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["steps"]["prune"]["sparsity"] == 0.3
+    module = load_model("tiny-llama")[0]
+    inputs = make_sample_inputs(module, seed=2, symbol_value=6)
+    got = slimgraph.load(out)(**inputs)[0]
+    want = interpreter.run(module, inputs)[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert compare_outputs(want, got).cosine > 0.5       # lossy, but still the same model
