@@ -7,16 +7,19 @@ The ONNX Runtime half of the int4 acceptance comparison: the fp32 ONNX export of
 dynamic T) is quantized with ``onnxruntime.quantization.matmul_nbits_quantizer`` and every model is scored
 by :func:`slimgraph.compiler.evaluation.perplexity` on exactly the tokens ``slimgraph eval`` scores.
 
-What ORT's quantizer does (onnxruntime 1.32, read from its source):
-* ``rtn``/``gptq`` run ORT's vendored copy of Intel Neural Compressor's weight-only code (no extra package).
-  Only 4 bits (RTN also 8) are packed into MatMulNBits; other widths take a fake-quant fp32 path that
-  fails here (K=576 is not a multiple of 128), so no 3-bit. ``default`` is ORT's C++ RTN (2/4/8 bits).
-* Asymmetric (uint4 + zero point per group) unless ``is_symmetric=True``; symmetric stores no zero point.
+What ORT's quantizer does (onnxruntime 1.32, read from its source and checked on SmolLM2):
+* ``rtn``/``gptq`` run ORT's vendored copy of Intel Neural Compressor's weight-only code (no extra package);
+  ``default`` is ORT's C++ RTN. Asymmetric (uint4 + zero point per group) unless ``is_symmetric=True``.
+  Only 4 bits (rtn also 8; default 2/4/8) become MatMulNBits: no 3-bit.
 * Only MatMuls with an initializer weight are quantized: the 210 projections. The tied lm_head multiplies
-  by a run-time ``Transpose(embedding)`` and the embedding is a Gather: both stay fp32. ``--lm-head``
-  stores that transpose as an initializer first, so the lm_head is quantized too.
-* GPTQ's group size is the quantizer's ``block_size`` (its lazy-update block is set equal). It runs the
-  whole model once per calibration sequence for each distinct MatMul input (120 here): slow.
+  by a run-time ``Transpose(embedding)`` and the embedding is a Gather: both stay fp32 (``--lm-head``
+  stores that transpose as an initializer first, so the lm_head is quantized too).
+* rtn/gptq asym crash on K=576 (5 groups of 128) in ORT's zero-point packing: see _column_zero_points.
+* ORT's GPTQ propagates no rounding error (its loop reads the upper Cholesky factor of H^-1 by column,
+  which is zero below the diagonal), so it equals RTN on a min/max grid that includes 0. Its symmetric
+  variant re-quantizes the GPTQ grid (scale 2*max/15, codes -8..7) with scale 2*max'/15 where max' is
+  8 steps: most weights move. Both are reported as ORT produces them.
+* GPTQ's group size is the quantizer's ``block_size`` (its lazy-update block is set equal).
 """
 
 from __future__ import annotations
@@ -55,9 +58,7 @@ def _quantizer_module():
 def gptq_unavailable_reason() -> str | None:
     """None when ORT's GPTQ can run here, else the import error text (nothing needs installing in 1.32)."""
     try:
-        from onnxruntime.quantization.neural_compressor import weight_only
-
-        _quantizer_module(), weight_only.gptq_quantize
+        from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - the reason is reported in the results row
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -119,15 +120,13 @@ def _column_zero_points(make_node):
     """
     from onnx import numpy_helper
 
-    def make(*, node, weight_shape, num_bits, k_blocks, zero_point, **rest):  # ORT calls it with keywords
-        if zero_point is None or num_bits != 4:
-            return make_node(node=node, weight_shape=weight_shape, num_bits=num_bits, k_blocks=k_blocks,
-                             zero_point=zero_point, **rest)
-        q_node, inits = make_node(node=node, weight_shape=weight_shape, num_bits=num_bits, k_blocks=k_blocks,
-                                  zero_point=None, **rest)
-        zp = np.asarray(zero_point, np.uint8).reshape(weight_shape[1], k_blocks)
-        zp = np.pad(zp, ((0, 0), (0, k_blocks % 2)), constant_values=8)
-        inits.append(numpy_helper.from_array(zp[:, 0::2] | (zp[:, 1::2] << 4), node.input[1] + "_zp"))
+    def make(**kw):  # ORT calls it with keyword arguments only
+        if kw["zero_point"] is None or kw["num_bits"] != 4:
+            return make_node(**kw)
+        q_node, inits = make_node(**{**kw, "zero_point": None})
+        zp = np.asarray(kw["zero_point"], np.uint8).reshape(kw["weight_shape"][1], kw["k_blocks"])
+        zp = np.pad(zp, ((0, 0), (0, kw["k_blocks"] % 2)), constant_values=8)   # 8: the unused nibble
+        inits.append(numpy_helper.from_array(zp[:, 0::2] | (zp[:, 1::2] << 4), kw["node"].input[1] + "_zp"))
         q_node.input.append(inits[-1].name)
         return q_node, inits
 
@@ -346,16 +345,13 @@ def run_ort_rows(cfg: OrtQuantSettings = OrtQuantSettings()) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'method':8s} {'bits':>4s} {'group':>5s} {'scheme':>6s} {'perplexity':>11s} {'MB':>7s} "
-          f"{'quant s':>8s} {'eval s':>7s}  status")
+    print(f"{'method':8s} {'scheme':6s} {'bits':>4s} {'group':>5s} {'perplexity':>10s} {'MB':>6s} {'quant s':>7s}  status")
     for r in rows:
-        ok = r["status"] == "ok"
-        ppl = f"{r['perplexity']:.4f}" if ok else "-"
-        mb = f"{r['model_bytes'] / 1e6:.1f}" if ok else "-"
-        qs = "-" if not ok else "cached" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
         scheme = {None: "-", True: "sym", False: "asym"}[r["symmetric"]]
-        print(f"{r['method']:8s} {r['bits']:4d} {str(r['group']):>5s} {scheme:>6s} {ppl:>11s} {mb:>7s} "
-              f"{qs:>8s} {r.get('eval_seconds', 0):7.0f}  {r['status']}")
+        ok, qs = r["status"] == "ok", r["quantize_seconds"]
+        numbers = f"{r['perplexity']:10.4f} {r['model_bytes'] / 1e6:6.1f}" if ok else f"{'-':>10s} {'-':>6s}"
+        print(f"{r['method']:8s} {scheme:6s} {r['bits']:4d} {str(r['group']):>5s} {numbers} "
+              f"{'cached' if qs is None else f'{qs:.0f}':>7s}  {r['status']}")
 
 
 def main() -> None:
