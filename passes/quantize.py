@@ -127,7 +127,7 @@ def _quantize_awq(ws: list, settings: QuantizeSettings, stats):
     padded = [_pad_rows(w, None, group)[0] for w in ws]
     extra = padded[0].shape[0] - ws[0].shape[0]
     sample = np.pad(stats.sample, ((0, 0), (0, extra))) if extra else stats.sample
-    result = awq_quantize(padded, sample, spec)
+    result = awq_quantize(padded, sample, spec, clip_search=settings.awq_clip)
     scale = np.asarray(result.input_scale, np.float32)[: ws[0].shape[0]]
     return scale, [_trim(q, ws[0].shape[0]) for q in result.matrices]
 

@@ -57,6 +57,10 @@ CASES = [
     (ops.MAX_POOL2D, [TensorType(F32, (1, 3, 8, 8))], {"kernel": (3, 3), "strides": (2, 2), "padding": (1, 1, 1, 1)}),
     (ops.AVG_POOL2D, [TensorType(F32, (1, 3, 8, 8))], {"kernel": (2, 2), "strides": (2, 2)}),
     (ops.BATCH_NORM, [TensorType(F32, (1, 3, 4, 4))] + [TensorType(F32, (3,))] * 4, {"eps": 1e-5, "positive_var": True}),
+    (ops.DEQUANTIZE, [TensorType(DType.u32, (5, "T")), TensorType(DType.f16, (3, "T")), TensorType(DType.f16, (3, "T"))],
+     {"bits": 4, "group_size": 16, "rows": 40}),                     # ragged last group (40 = 2 x 16 + 8)
+    (ops.DEQUANTIZE, [TensorType(DType.u32, (4, "T")), TensorType(DType.f16, (2, "T"))],
+     {"bits": 3, "group_size": 32, "rows": 40}),                     # symmetric, 10 codes per word
 ]
 
 UNCOVERED = {ops.CALL}
@@ -73,6 +77,11 @@ def _inputs(types, positive, rng, env, op):
         shape = t.concrete(env)
         if t.dtype is BOOL:
             arrays.append(rng.random(shape) > 0.5)
+        elif t.dtype is DType.u32:
+            arrays.append(rng.integers(0, 2**32, shape, dtype=np.uint32))
+        elif t.dtype is DType.f16:
+            arrays.append(rng.uniform(-2.0, 2.0, shape).round().astype(np.float16) if i == 2
+                          else rng.uniform(0.01, 0.1, shape).astype(np.float16))
         elif t.dtype is I64:
             bound = 10 if op is ops.TAKE else (8 if op is ops.GATHER_ELEMENTS else 20)
             arrays.append(rng.integers(1 if i else 0, bound, shape).astype(np.int64))

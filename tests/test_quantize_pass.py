@@ -211,3 +211,11 @@ def test_all_steps_compose_in_one_compile_and_the_recipe_is_recorded(tmp_path):
     want = interpreter.run(module, inputs)[0]
     assert got.shape == want.shape and np.isfinite(got).all()
     assert compare_outputs(want, got).cosine > 0.5       # lossy, but still the same model
+
+
+def test_awq_clip_search_can_be_turned_off():
+    module = cleaned(layers=1, D=64, F=128)
+    with_clip = quantize(module, QuantizeSettings("awq", 4, 16)).module
+    without = quantize(module, QuantizeSettings("awq", 4, 16, awq_clip=False)).module
+    name = "l0.down.T.qweight"
+    assert not np.array_equal(with_clip.weights[name].array, without.weights[name].array)
