@@ -21,6 +21,7 @@ sentence, summarized by its mean, minimum and 5th percentile.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ class PerplexityResult:
     window: int
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "predicted_tokens": self.predicted_tokens,
-                "windows": self.windows, "window": self.window}
+        return dataclasses.asdict(self)
 
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -81,8 +81,7 @@ class EmbeddingResult:
     sentences: int
 
     def to_dict(self) -> dict:
-        return {"mean_cosine": self.mean_cosine, "min_cosine": self.min_cosine, "p05_cosine": self.p05_cosine,
-                "sentences": self.sentences}
+        return dataclasses.asdict(self)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
