@@ -11,7 +11,10 @@ Statistics are streamed: the reference interpreter runs one calibration sample a
 * ``hessian``  = mean over tokens of ``x x^T`` (K x K, float64) -- GPTQ, SparseGPT, whitening;
 * ``abs_mean`` = mean over tokens of ``|x|`` (K) -- AWQ, ASVD;
 * ``sample``   = up to ``sample_rows`` token rows kept by reservoir sampling -- AWQ's scale
-  search and the per-layer output error (SQNR) in the compile report,
+  search and the per-layer output error (SQNR) in the compile report;
+* ``peaks``    = the ``PEAK_ROWS`` rows with the largest ``max_j |x_j|`` seen -- the rare "massive
+  activation" tokens (the first token of a window, some delimiters) that a uniform sample almost
+  never holds, yet which the model's attention leans on; AWQ's clip search must not harm them,
 
 so no sample's activations outlive its own forward pass.
 """
@@ -28,6 +31,7 @@ from slimgraph.compiler.errors import CalibrationError
 from slimgraph.compiler.ir import Module
 
 Batch = Mapping[str, np.ndarray]
+PEAK_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,12 @@ class InputStats:
     abs_mean: np.ndarray
     sample: np.ndarray
     tokens: int = 0
+    peaks: np.ndarray | None = None
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
 
     @classmethod
     def empty(cls, k: int, sample_rows: int) -> "InputStats":
-        return cls(np.zeros((k, k)), np.zeros(k), np.zeros((0, k), np.float32), 0)
+        return cls(np.zeros((k, k)), np.zeros(k), np.zeros((0, k), np.float32), 0, np.zeros((0, k), np.float32))
 
     def add(self, rows: np.ndarray, sample_rows: int) -> None:
         x = rows.astype(np.float64)
@@ -63,7 +68,14 @@ class InputStats:
         self.hessian += (x.T @ x - n * self.hessian) / total
         self.abs_mean += (np.abs(x).sum(axis=0) - n * self.abs_mean) / total
         self._reservoir(rows.astype(np.float32), sample_rows)
+        self._keep_peaks(rows.astype(np.float32))
         self.tokens = total
+
+    def _keep_peaks(self, rows: np.ndarray) -> None:
+        """Keep the PEAK_ROWS rows of largest max |x| among the kept ones and ``rows``."""
+        both = rows if self.peaks is None else np.concatenate([self.peaks, rows])
+        top = np.argsort(-np.abs(both).max(axis=1), kind="stable")[:PEAK_ROWS]
+        self.peaks = both[np.sort(top)]
 
     def _reservoir(self, rows: np.ndarray, sample_rows: int) -> None:
         """Keep a uniform random subset of at most ``sample_rows`` rows of everything seen."""

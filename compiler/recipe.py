@@ -23,9 +23,8 @@ A recipe comes from CLI flags or a TOML file::
     bits = 4
     group_size = 128             # 0 = per output channel
     symmetric = false
-    awq_clip = true              # AWQ: also search each group's clipping range. On SmolLM2 (int4 g128,
-                                 # bench/stage2_quant.py) it lowers per-layer error yet raises
-                                 # perplexity: 36.50 with it, 28.79 without
+    awq_clip = true              # AWQ: also search each group's clipping range (never for queries and
+                                 # keys, never raising the error of the peak-activation rows)
 
     [[rules]]                    # later rules win; a layer is named like model.layers.0.mlp.up_proj
     match = "lm_head"
@@ -111,10 +110,13 @@ class StructuredSettings:
 @dataclass(frozen=True)
 class LowRankSettings:
     method: str = "svd"
-    ratio: float | None = 0.2
+    ratio: float | None = None         # default 0.2 when no energy is given either
     energy: float | None = None
+    EXCLUSIVE = ("ratio", "energy")    # naming one in an override replaces the other
 
     def __post_init__(self):
+        if self.ratio is None and self.energy is None:
+            object.__setattr__(self, "ratio", 0.2)
         _check(self.method in ("svd", "asvd", "whiten"), f"unknown low-rank method {self.method!r} (svd, asvd, whiten)")
         _check((self.ratio is None) != (self.energy is None), "low-rank needs exactly one of ratio or energy")
         _check(self.ratio is None or 0.0 < self.ratio < 1.0, f"--lowrank ratio must be in (0, 1), got {self.ratio}")
@@ -165,7 +167,7 @@ class Recipe:
                     settings = None
                 else:
                     base = settings or STEPS[step]()
-                    settings = _build(STEPS[step], {**dataclasses.asdict(base), **value}, f"rule {rule.match!r}")
+                    settings = _merge(STEPS[step], base, value, f"rule {rule.match!r}")
         return settings
 
     def check_rules(self, layers: list[str]) -> None:
@@ -178,6 +180,16 @@ class Recipe:
         return {"steps": {k: dataclasses.asdict(v) for k, v in self.steps.items()},
                 "rules": [{"match": r.match, **r.overrides} for r in self.rules],
                 "calibration": dataclasses.asdict(self.calibration)}
+
+
+def _merge(cls, base, values: dict, where: str):
+    """``base`` (settings of ``cls`` or None) with ``values`` overriding the settings they name; naming
+    one of a class's mutually exclusive settings (``EXCLUSIVE``) drops the base's others."""
+    known = dataclasses.asdict(base) if base is not None else {}
+    exclusive = getattr(cls, "EXCLUSIVE", ())
+    if any(key in values for key in exclusive):
+        known = {k: v for k, v in known.items() if k not in exclusive}
+    return _build(cls, {**known, **values}, where)
 
 
 def _build(cls, values: dict, where: str):
@@ -255,22 +267,24 @@ def recipe_from_flags(*, recipe_file: str | Path | None = None, quantize: str | 
                       prune_ffn: float | None = None, lowrank: float | None = None, lowrank_method: str = "svd",
                       lowrank_energy: float | None = None, calib: str | None = None, calib_samples: int | None = None,
                       calib_seq_len: int | None = None) -> Recipe:
-    """A recipe from ``slimgraph compile`` flags; flags override the file's global settings."""
+    """A recipe from ``slimgraph compile`` flags. A step's flags override the settings they name in
+    the file's global section; its other settings (``awq_clip``, ``damp``, ...) stay the file's."""
     base = recipe_from_toml(recipe_file) if recipe_file else Recipe()
     steps = dict(base.steps)
+
+    def merge(step: str, values: dict, where: str) -> None:
+        steps[step] = _merge(STEPS[step], steps.get(step), values, where)
+
     if quantize is not None:
-        steps["quantize"] = _build(QuantizeSettings, {"method": method, "bits": _bits(quantize),
-                                                      "group_size": group_size, "symmetric": symmetric}, "--quantize")
+        merge("quantize", {"method": method, "bits": _bits(quantize), "group_size": group_size,
+                           "symmetric": symmetric}, "--quantize")
     if prune is not None or prune_n_m is not None:
-        values = {"method": prune_method, "sparsity": prune if prune is not None else 0.5}
-        if prune_n_m is not None:
-            values["n_m"] = prune_n_m
-        steps["prune"] = _build(PruneSettings, values, "--prune")
+        values = {"method": prune_method, "sparsity": prune if prune is not None else 0.5, "n_m": prune_n_m}
+        merge("prune", values, "--prune")
     if prune_ffn is not None:
-        steps["structured"] = _build(StructuredSettings, {"ffn_ratio": prune_ffn}, "--prune-ffn")
+        merge("structured", {"ffn_ratio": prune_ffn}, "--prune-ffn")
     if lowrank is not None or lowrank_energy is not None:
-        steps["lowrank"] = _build(LowRankSettings, {"method": lowrank_method, "ratio": lowrank,
-                                                    "energy": lowrank_energy}, "--lowrank")
+        merge("lowrank", {"method": lowrank_method, "ratio": lowrank, "energy": lowrank_energy}, "--lowrank")
     calibration = dataclasses.replace(
         base.calibration, **{k: v for k, v in (("path", calib), ("samples", calib_samples),
                                                ("seq_len", calib_seq_len)) if v is not None})

@@ -111,3 +111,29 @@ def output_sqnr_db(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+def _downstream(users: dict[str, list[Node]], value: str):
+    """Nodes reachable from ``value`` without passing through a contraction (matmul, conv): the
+    contractions met are yielded but not walked past."""
+    seen, stack = set(), [value]
+    while stack:
+        for node in users.get(stack.pop(), ()):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            yield node
+            if node.op.category is not ops.OpCategory.CONTRACTION:
+                stack.append(node.name)
+
+
+def feeds_attention_scores(fn: Function, value: str) -> bool:
+    """Whether ``value`` (a layer's output) is a query or key: it reaches, through data movement and
+    elementwise ops only (reshapes, rotary embedding), a matmul of two activations whose result
+    goes on to a softmax. Values and everything else reach no such product."""
+    users = fn.users()
+    for node in _downstream(users, value):
+        scores = node.op is ops.MATMUL and not any(i.startswith("@") for i in node.inputs)
+        if scores and any(n.op is ops.SOFTMAX for n in _downstream(users, node.name)):
+            return True
+    return False

@@ -18,6 +18,13 @@ group's partial-output error ``||(x / s)_g (w_g - Q(w_g))||^2`` (factor 1 = no c
 errors ignore cross terms, so every column's total error is finally compared with the unclipped
 one and the better of the two kept: clipping can only lower the objective.
 
+Peak rows. A uniform sample of tokens almost never holds the rare tokens with massive activations
+(hundreds of times the typical |x|, e.g. the first token of a window, on which attention leans):
+clipping a range tuned on typical rows can multiply their error (SmolLM2's last down_proj: x2 on
+its first token). With ``peak_rows`` (the calibration rows of largest max |x|), the search runs on
+sample and peak rows together, and a column keeps its clipped range only if that lowers the error
+on the sample *and* does not raise it on the peak rows.
+
 Result. ``AwqResult.matrices[i]`` holds ``Q(s * W_i)``; the caller must divide the activation by
 ``input_scale`` (``x / s``, usually folded into the preceding norm's weight) before the matmul.
 
@@ -31,6 +38,7 @@ when it and the weights are within the limits; beyond them they hold on the subs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -146,17 +154,21 @@ def _clip_rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     return x[_sample(x.shape[0], max(_CLIP_MIN_ROWS, rows), 2)]
 
 
-def _quantize_scaled(W, s, x, spec, clip_search):
-    """``Q(s * W)``; with clip search, per column the better of clipped and plain params."""
+def _quantize_scaled(W, s, x, peaks, spec, clip_search):
+    """``Q(s * W)``; with clip search, per column the clipped params where they lower the error
+    on the sample rows ``x`` without raising it on the ``peaks`` rows, else the plain ones."""
     scaled = s[:, None] * W
     plain = quantize_rtn(scaled, spec)
     if not clip_search:
         return plain
     x = _clip_rows(x, W)
-    scales, zeros = _clip_params(scaled, x / s, spec)
+    scales, zeros = _clip_params(scaled, np.concatenate([x, peaks]) / s, spec)
     codes = quantize_with_params(scaled, scales, zeros, spec)
     clipped = QuantizedMatrix(codes, scales, zeros, spec)
-    keep = output_error(x, W, clipped.dequantize(), s) < output_error(x, W, plain.dequantize(), s)
+    errors = lambda rows, q: output_error(rows, W, q.dequantize(), s)   # noqa: E731
+    keep = errors(x, clipped) < errors(x, plain)
+    if len(peaks):
+        keep &= errors(peaks, clipped) <= errors(peaks, plain)
     pick = lambda a, b: None if a is None else np.where(keep, a, b)   # noqa: E731
     return QuantizedMatrix(pick(clipped.codes, plain.codes), pick(scales, plain.scales),
                            pick(zeros, plain.zeros), spec)
@@ -170,25 +182,39 @@ def _check_inputs(weights, x_sample, spec):
     if any(W.shape[0] != rows for W in weights):
         raise ValueError(f"weights sharing one input must have the same K, got "
                          f"{[W.shape[0] for W in weights]}")
-    x = np.asarray(x_sample, np.float32)
-    if x.ndim != 2 or x.shape[1] != rows or x.shape[0] == 0:
+    x = _check_rows(x_sample, rows)
+    if x.shape[0] == 0:
         raise ValueError(f"x_sample must be [M, {rows}] with M >= 1, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("x_sample (calibration activations) contains NaN/inf values")
     return weights, x
 
 
-def awq_quantize(weights: list[np.ndarray], x_sample: np.ndarray, spec: QuantSpec, *,
-                 grid: int = 20, clip_search: bool = True) -> AwqResult:
-    """AWQ for weights ``[K, N_i]`` sharing one input; ``x_sample [M, K]`` are calibration rows.
+def _check_rows(rows: np.ndarray, k: int) -> np.ndarray:
+    x = np.asarray(rows, np.float32)
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"calibration rows must be [M, {k}], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("calibration activations contain NaN/inf values")
+    return x
 
+
+def awq_quantize(weights: list[np.ndarray], x_sample: np.ndarray, spec: QuantSpec, *,
+                 grid: int = 20, clip_search: bool | Sequence[bool] = True,
+                 peak_rows: np.ndarray | None = None) -> AwqResult:
+    """AWQ for weights ``[K, N_i]`` sharing one input; ``x_sample [M, K]`` are calibration rows,
+    ``peak_rows [P, K]`` the rows of largest activations (clipping must not harm them).
+
+    ``clip_search`` is one flag for all weights or one per weight (queries and keys go without it).
     Returns the input scale s and ``Q(s * W_i)``; the caller divides x by s. Raises ValueError
     for NaN/inf, mismatched K, or K not a multiple of the group size.
     """
     weights, x = _check_inputs(weights, x_sample, spec)
+    clips = [clip_search] * len(weights) if isinstance(clip_search, bool) else list(clip_search)
+    if len(clips) != len(weights):
+        raise ValueError(f"clip_search has {len(clips)} flags for {len(weights)} weights")
     act_mean = np.abs(x).mean(axis=0)
     x = x[_sample(x.shape[0], _SEARCH_ROWS, 0)]
     alpha = _search_alpha(weights, x, act_mean, spec, max(1, grid))
     s = scale_for(alpha, act_mean)
-    matrices = [_quantize_scaled(W, s, x, spec, clip_search) for W in weights]
+    peaks = np.zeros((0, x.shape[1]), np.float32) if peak_rows is None else _check_rows(peak_rows, x.shape[1])
+    matrices = [_quantize_scaled(W, s, x, peaks, spec, clip) for W, clip in zip(weights, clips)]
     return AwqResult(s, matrices)

@@ -52,7 +52,8 @@ def pooled_stats(stats: dict[str, InputStats], inputs: list[str]) -> InputStats 
     total = sum(s.tokens for s in found)
     hessian = sum(s.hessian * s.tokens for s in found) / total
     abs_mean = sum(s.abs_mean * s.tokens for s in found) / total
-    return InputStats(hessian, abs_mean, np.concatenate([s.sample for s in found]), total)
+    return InputStats(hessian, abs_mean, np.concatenate([s.sample for s in found]), total,
+                      np.concatenate([s.peaks for s in found if s.peaks is not None]))
 
 
 def other_readers(module: Module, weight: str, linear: list[LinearLayer]) -> str:

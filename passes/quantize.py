@@ -16,7 +16,11 @@ Methods: RTN quantizes each group independently. GPTQ minimizes ``||X W - X W_ha
 by column with the inverse Hessian ``H = E[x x^T]`` of the layer's inputs, compensating each
 rounding error on the rows not yet quantized. AWQ searches a per-input-channel scale
 ``s = mean|x|^alpha`` (shared by the layers reading the same x) that protects the weights of
-salient channels. Statistics come from the unquantized module in one calibration run.
+salient channels, then (``awq_clip``) shrinks each group's range where that lowers the group's
+output error -- except for queries and keys, whose errors the attention scores multiply together
+and whose outlier channels the softmax is most sensitive to (as the AWQ reference does), and never
+where it would raise the error of the calibration rows with the largest activations. Statistics
+come from the unquantized module in one calibration run.
 
 A K that is not a multiple of the group size gets a shorter last group (reported per layer).
 """
@@ -35,7 +39,7 @@ from slimgraph.compiler.passmanager import PassInfo, PassResult
 from slimgraph.compiler.recipe import QuantizeSettings
 from slimgraph.passes._compress import (CompressionContext, layer_row, rewrite_readers, select_layers, summarize,
                                         weight_matrix)
-from slimgraph.passes._linear import LinearLayer, output_sqnr_db
+from slimgraph.passes._linear import LinearLayer, feeds_attention_scores, output_sqnr_db
 from slimgraph.passes._rewrite import Rewriter, add_weight
 from slimgraph.passes.quantize_embedding import RowGather, select_tables, table_row
 from slimgraph.passes.quant_format import QuantizedMatrix, QuantSpec
@@ -119,15 +123,17 @@ def _quantize_one(w: np.ndarray, settings: QuantizeSettings, stats) -> Quantized
     return _trim(q, w.shape[0])
 
 
-def _quantize_awq(ws: list, settings: QuantizeSettings, stats):
+def _quantize_awq(ws: list, settings: QuantizeSettings, stats, clips: list[bool]):
     from slimgraph.passes.awq import awq_quantize
 
     spec = _spec(settings)
     group = spec.group_for(ws[0].shape[0])
     padded = [_pad_rows(w, None, group)[0] for w in ws]
     extra = padded[0].shape[0] - ws[0].shape[0]
-    sample = np.pad(stats.sample, ((0, 0), (0, extra))) if extra else stats.sample
-    result = awq_quantize(padded, sample, spec, clip_search=settings.awq_clip)
+    pad = lambda rows: np.pad(rows, ((0, 0), (0, extra)))  # noqa: E731
+    peaks = stats.peaks if stats.peaks is not None else np.zeros((0, ws[0].shape[0]), np.float32)
+    result = awq_quantize(padded, pad(stats.sample), spec, clip_search=[settings.awq_clip and c for c in clips],
+                          peak_rows=pad(peaks))
     scale = np.asarray(result.input_scale, np.float32)[: ws[0].shape[0]]
     return scale, [_trim(q, ws[0].shape[0]) for q in result.matrices]
 
@@ -167,7 +173,8 @@ class QuantizePass:
         layer_stats = stats.get(layers[0].input)
         try:
             if settings.method == "awq":
-                scale, matrices = _quantize_awq(ws, settings, layer_stats)
+                clips = [not feeds_attention_scores(module.functions[l.function], l.node) for l in layers]
+                scale, matrices = _quantize_awq(ws, settings, layer_stats, clips)
             else:
                 scale, matrices = None, [_quantize_one(w, settings, layer_stats) for w in ws]
         except ValueError as exc:

@@ -30,6 +30,10 @@ def test_streamed_statistics_equal_batch_formulas(chunks, seed):
     assert len(stats.sample) == min(16, len(x))
     seen = {tuple(r) for r in x.astype(np.float32)}
     assert all(tuple(r) in seen for r in stats.sample)
+    peak = np.abs(x).max(axis=1)
+    assert len(stats.peaks) == min(calibration.PEAK_ROWS, len(x))
+    kept = np.sort(np.abs(stats.peaks).max(axis=1))[::-1]
+    np.testing.assert_allclose(kept, np.sort(peak)[::-1][: len(kept)].astype(np.float32))
 
 
 def small_module():

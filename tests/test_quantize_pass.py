@@ -219,3 +219,40 @@ def test_awq_clip_search_can_be_turned_off():
     without = quantize(module, QuantizeSettings("awq", 4, 16, awq_clip=False)).module
     name = "l0.down.T.qweight"
     assert not np.array_equal(with_clip.weights[name].array, without.weights[name].array)
+
+
+@pytest.mark.parametrize("model,scores", [
+    ("tiny-llama", {"q_proj", "k_proj"}),
+    ("tiny-bert", {"query", "key"}),
+    ("tiny-gpt", {"c_attn"}),          # one fused q/k/v projection
+])
+def test_queries_and_keys_are_found_from_the_graph(model, scores):
+    from slimgraph.compiler.driver import load_model
+    from slimgraph.passes._linear import feeds_attention_scores
+
+    module = run_pipeline(load_model(model)[0], CLEANUP).module
+    layers = find_linear_layers(module)
+    flagged = {l.name for l in layers if feeds_attention_scores(module.functions[l.function], l.node)}
+    assert flagged == {l.name for l in layers if l.name.rsplit(".", 1)[-1] in scores}
+    assert len(flagged) >= 2 * len(scores)          # in every layer of the model
+
+
+def test_awq_clip_search_skips_queries_and_keys(tmp_path):
+    """The clip search changes values' weights but leaves queries' and keys' as the scale search made them."""
+    from slimgraph.compiler.driver import load_model
+
+    module = run_pipeline(load_model("tiny-llama")[0], CLEANUP).module
+    data = [make_sample_inputs(module, seed=s, symbol_value=12) for s in range(3)]
+
+    def run(clip: bool) -> Module:
+        context = CompressionContext(Recipe({"quantize": QuantizeSettings("awq", 4, 16, awq_clip=clip)}),
+                                     lambda: data)
+        return quantize_pass(context).run(module).module
+
+    with_clip, without = run(True), run(False)
+    prefix = "model.layers.0.self_attn"
+    weight = lambda m, layer: next(a.array for n, a in m.weights.items()  # noqa: E731
+                                   if n.startswith(f"{prefix}.{layer}") and n.endswith(".qweight"))
+    for layer in ("q_proj", "k_proj"):
+        assert np.array_equal(weight(with_clip, layer), weight(without, layer))
+    assert not np.array_equal(weight(with_clip, "v_proj"), weight(without, "v_proj"))

@@ -251,6 +251,26 @@ def test_awq_never_worse_than_rtn_on_calibration_objective(seed, gain, clip, sym
     assert awq_loss(x, weights, result) <= rtn_loss(x, weights, spec)
 
 
+@given(seed=st.integers(0, 2**31), sym=st.booleans())
+@FAST
+def test_awq_clip_search_never_raises_the_error_of_peak_rows(seed, sym):
+    """Rows with massive activations (the first token of a window) keep at most their unclipped error,
+    while the typical rows still gain from clipping."""
+    rng = np.random.default_rng(seed)
+    spec = QuantSpec(4, 16, sym)
+    x = outlier_inputs(rng, tokens=128, dim=32, outliers=2, gain=3.0)
+    peaks = rng.standard_normal((4, 32)).astype(np.float32)
+    peaks[:, rng.choice(32, 3, replace=False)] *= 200.0
+    W = rng.standard_normal((32, 24)).astype(np.float32)
+    plain = awq_quantize([W], x, spec, grid=4, clip_search=False)
+    clipped = awq_quantize([W], x, spec, grid=4, clip_search=True, peak_rows=peaks)
+    np.testing.assert_array_equal(plain.input_scale, clipped.input_scale)
+    s = clipped.input_scale
+    per_column = lambda rows, r: output_error(rows, W, r.matrices[0].dequantize(), s)  # noqa: E731
+    assert (per_column(peaks, clipped) <= per_column(peaks, plain) * (1 + 1e-6) + 1e-9).all()
+    assert per_column(x, clipped).sum() <= per_column(x, plain).sum()
+
+
 def test_fake_quantize_is_rtn_dequantize():
     W = np.random.default_rng(9).standard_normal((64, 30)).astype(np.float32)
     for spec in SPECS:
@@ -262,7 +282,11 @@ def test_awq_rejects_bad_inputs():
     with pytest.raises(ValueError, match="same K"):
         awq_quantize([W, np.ones((32, 8), np.float32)], np.ones((4, 64), np.float32),
                      QuantSpec(4, 32))
-    with pytest.raises(ValueError, match="x_sample"):
+    with pytest.raises(ValueError, match=r"must be \[M, 64\]"):
         awq_quantize([W], np.ones((4, 32), np.float32), QuantSpec(4, 32))
+    with pytest.raises(ValueError, match="M >= 1"):
+        awq_quantize([W], np.ones((0, 64), np.float32), QuantSpec(4, 32))
+    with pytest.raises(ValueError, match=r"must be \[M, 64\]"):
+        awq_quantize([W], np.ones((4, 64), np.float32), QuantSpec(4, 32), peak_rows=np.ones((2, 8)))
     with pytest.raises(ValueError, match="NaN/inf"):
         awq_quantize([W], np.full((4, 64), np.nan, np.float32), QuantSpec(4, 32))
