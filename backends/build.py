@@ -1,8 +1,9 @@
 """Build a lowered Relax module into a TVM executable with slimgraph's default schedules.
 
-TVM's generic CPU pipeline schedules nothing; :func:`build_executable` uses the pipeline from
-``backends.schedules.cpu`` that gives every fused kernel a parallel, vectorized, tiled schedule.
-TVM failures are caught and re-raised as :class:`BackendError` with a short summary.
+TVM's generic CPU pipeline schedules nothing; :func:`build_executable` uses the pipeline of the
+target's family (``backends.schedules.cpu`` for CPUs: parallel, vectorized, tiled kernels;
+``backends.schedules.gpu`` for CUDA). TVM failures are caught and re-raised as
+:class:`BackendError` with a short summary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import tvm
 
 from slimgraph.backends.relax_lowering import LoweredModule
-from slimgraph.backends.targets import TargetSpec
+from slimgraph.backends.targets import TargetSpec, family_of
 from slimgraph.compiler.errors import BackendError
 
 
@@ -24,12 +25,7 @@ def _summarize_tvm_error(exc: BaseException) -> str:
 
 
 def relax_pipeline(spec: TargetSpec, *, schedule: bool = True):
-    target = spec.tvm_target()
-    if not schedule:
-        return tvm.relax.get_default_pipeline(target)
-    from slimgraph.backends.schedules.cpu import build_pipeline
-
-    return build_pipeline(target)
+    return family_of(spec).relax_pipeline(spec, schedule)
 
 
 def build_executable(lowered: LoweredModule, spec: TargetSpec, *, schedule: bool = True):
@@ -39,12 +35,12 @@ def build_executable(lowered: LoweredModule, spec: TargetSpec, *, schedule: bool
         with target:
             return tvm.compile(lowered.ir_module, target=target, relax_pipeline=relax_pipeline(spec, schedule=schedule))
     except Exception as exc:  # TVM raises TVMError / InternalError / ValueError subclasses
-        raise BackendError(f"TVM build for target {spec.name} ({spec.mcpu}) failed: {_summarize_tvm_error(exc)}",
+        raise BackendError(f"TVM build for target {spec.describe()} failed: {_summarize_tvm_error(exc)}",
                            hint="this is a slimgraph bug: please report it with the --dump-ir output") from None
 
 
-def export_library(executable, path: str) -> None:
+def export_library(executable, spec: TargetSpec, path: str) -> None:
     try:
-        executable.export_library(path)
+        family_of(spec).export(executable, path)
     except Exception as exc:
         raise BackendError(f"exporting the compiled library to {path} failed: {_summarize_tvm_error(exc)}") from None

@@ -28,7 +28,7 @@ class BuildResult:
 
 def build_artifact_files(module: Module, directory: Path, options, *, on_event=lambda k, p: None) -> BuildResult:
     """Write model.so and weights.safetensors for ``module`` into ``directory``."""
-    spec = resolve_target(options.target, options.mcpu)
+    spec = resolve_target(options.target, options.mcpu, gpu_arch=options.arch, fp16=options.fp16)
     timings = {}
     t0 = time.perf_counter()
     on_event("stage_start", {"stage": "lower", "detail": f"Relax for {spec.name}"})
@@ -37,9 +37,9 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     timings["lower"] = time.perf_counter() - t0
     on_event("stage_end", {"stage": "lower"})
     t0 = time.perf_counter()
-    on_event("stage_start", {"stage": "build", "detail": f"TVM {spec.kind} {spec.mcpu}"})
+    on_event("stage_start", {"stage": "build", "detail": f"TVM {spec.describe()}"})
     executable = build_executable(lowered, spec, schedule=options.schedule)
-    export_library(executable, str(directory / LIBRARY))
+    export_library(executable, spec, str(directory / LIBRARY))
     timings["build"] = time.perf_counter() - t0
     on_event("stage_end", {"stage": "build"})
     t0 = time.perf_counter()

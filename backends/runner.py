@@ -13,9 +13,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import tvm
+import tvm.runtime.vm
 
 from slimgraph.backends.artifact import open_artifact
-from slimgraph.backends.targets import TargetSpec, check_runnable_here
+from slimgraph.backends.targets import TargetSpec, check_runnable_here, family_of
 from slimgraph.compiler.errors import RuntimeInputError
 from slimgraph.compiler.interpreter import check_input_arrays
 from slimgraph.compiler.types import TensorType
@@ -76,10 +77,10 @@ class CompiledModel:
         self.manifest = info.manifest
         self.target = TargetSpec.from_dict(self.manifest["target"])
         check_runnable_here(self.target, str(self.path))
-        self.device = tvm.cpu(0)
+        self.device = family_of(self.target).device(self.target)
         library_path = _unique_library_path(info.library, self.manifest) if verify_hashes else info.library
         library = tvm.runtime.load_module(str(library_path))
-        self.vm = tvm.relax.VirtualMachine(library, self.device)
+        self.vm = tvm.runtime.vm.VirtualMachine(library, self.device)
         arrays = read_safetensors(info.weights)
         self.weight_tensors = {name: tvm.runtime.tensor(np.asarray(a, order="C"), self.device)
                                for name, a in arrays.items()}

@@ -1,15 +1,17 @@
-"""Compilation targets, looked up by name in a registry (``--target x86``).
+"""Compilation targets: a :class:`TargetSpec` (plain data, stored in the artifact's manifest) and,
+for each target name, a :class:`TargetFamily` in a registry that knows how to build, export, check
+and run code for it (``--target x86 | arm64 | cuda``).
 
-A :class:`TargetSpec` records everything needed to rebuild the TVM target and to check, at load
-time, that an artifact may run on the current machine.
+A spec records everything needed to rebuild the TVM target and to check, at load time, that an
+artifact may run on the current machine. The families live in their own modules
+(``targets_cpu``, ``targets_cuda``) and register themselves here.
 """
 
 from __future__ import annotations
 
-import os
 import platform
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import tvm
 
@@ -18,73 +20,101 @@ from slimgraph.compiler.errors import TargetError
 
 @dataclass(frozen=True)
 class TargetSpec:
-    name: str            # slimgraph target name: x86, ...
-    kind: str            # TVM target kind: llvm, cuda
-    arch: str            # machine architecture the code runs on: x86_64, aarch64
-    mcpu: str            # CPU model whose features the code uses
+    name: str            # slimgraph target name: x86, arm64, cuda
+    kind: str            # TVM target kind of the kernels: llvm, cuda
+    arch: str            # machine architecture of the host code: x86_64, aarch64
+    mcpu: str            # CPU model whose features the host code uses ("" = the architecture's baseline)
     num_cores: int
-
-    def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": self.kind, "mcpu": self.mcpu, "num-cores": self.num_cores})
+    mtriple: str = ""    # LLVM triple of the host code ("" = this machine's)
+    mattr: tuple = ()    # LLVM features added to the CPU model's (+neon, +dotprod)
+    gpu_arch: str = ""   # CUDA compute capability of the kernels (sm_90); "" for CPU targets
+    fp16: bool = False   # float activations and weights computed in float16 (GPU targets)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["mattr"] = list(self.mattr)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TargetSpec":
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["mattr"] = tuple(values.get("mattr", ()))
+        return cls(**values)
+
+    def host_target(self) -> tvm.target.Target:
+        """The LLVM target of the host (CPU) code."""
+        config: dict = {"kind": "llvm", "num-cores": self.num_cores}
+        if self.mcpu:
+            config["mcpu"] = self.mcpu
+        if self.mtriple:
+            config["mtriple"] = self.mtriple
+        if self.mattr:
+            config["mattr"] = list(self.mattr)
+        return tvm.target.Target(config)
+
+    def tvm_target(self) -> tvm.target.Target:
+        return family_of(self).tvm_target(self)
+
+    def describe(self) -> str:
+        what = self.gpu_arch or self.mcpu or self.arch
+        return f"{self.name} ({what}{', fp16' if self.fp16 else ''})"
 
 
-TargetFactory = Callable[[str | None], TargetSpec]
-TARGETS: dict[str, TargetFactory] = {}
+class TargetFamily(Protocol):
+    """What slimgraph needs to know about one target name."""
+
+    name: str
+
+    def resolve(self, mcpu: str | None, gpu_arch: str | None, fp16: bool) -> TargetSpec:
+        """The spec for these flags; raises TargetError for unknown CPUs/archs or missing tools."""
+
+    def tvm_target(self, spec: TargetSpec) -> tvm.target.Target: ...
+
+    def relax_pipeline(self, spec: TargetSpec, schedule: bool): ...
+
+    def export(self, executable, path: str) -> None:
+        """Write the compiled library (machine code only) to ``path``."""
+
+    def device(self, spec: TargetSpec):
+        """The TVM device an artifact of this family runs on."""
+
+    def check_runnable_here(self, spec: TargetSpec, artifact: str) -> None:
+        """Raise TargetError if this machine cannot run code built for ``spec``."""
 
 
-def register_target(name: str):
-    def deco(fn: TargetFactory) -> TargetFactory:
-        TARGETS[name] = fn
-        return fn
-
-    return deco
+FAMILIES: dict[str, TargetFamily] = {}
 
 
-def host_cpu() -> str:
-    return tvm.target.codegen.llvm_get_system_cpu()
+def register_family(family: TargetFamily) -> TargetFamily:
+    FAMILIES[family.name] = family
+    return family
 
 
-def _cpu_is_known(mcpu: str) -> bool:
-    return bool(tvm.target.codegen.llvm_is_valid_cpu(mcpu, "x86_64-linux-gnu"))
+def _load_families() -> None:
+    from slimgraph.backends import targets_cpu, targets_cuda  # noqa: F401  (they register themselves)
 
 
-def cpu_features(mcpu: str) -> set[str]:
-    """LLVM's feature set of a CPU model (avx512f, fma, ...)."""
-    return set(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+def family_of(spec_or_name) -> TargetFamily:
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.name
+    _load_families()
+    family = FAMILIES.get(name)
+    if family is None:
+        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(sorted(FAMILIES))}")
+    return family
 
 
-@register_target("x86")
-def x86_target(mcpu: str | None = None) -> TargetSpec:
-    """x86-64 CPU; features from the host CPU unless ``mcpu`` names another (e.g. skylake-avx512)."""
-    chosen = mcpu or host_cpu()
-    if not _cpu_is_known(chosen):
-        raise TargetError(f"unknown x86 CPU {chosen!r} for --mcpu", hint="e.g. znver4, skylake-avx512, haswell")
-    return TargetSpec("x86", "llvm", "x86_64", chosen, os.cpu_count() or 1)
+def resolve_target(name: str, mcpu: str | None = None, *, gpu_arch: str | None = None,
+                   fp16: bool = False) -> TargetSpec:
+    return family_of(name).resolve(mcpu, gpu_arch, fp16)
 
 
-def resolve_target(name: str, mcpu: str | None = None) -> TargetSpec:
-    factory = TARGETS.get(name)
-    if factory is None:
-        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(sorted(TARGETS))}")
-    return factory(mcpu)
+def machine_arch() -> str:
+    """This machine's architecture as slimgraph names it (x86_64, aarch64)."""
+    return platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
 
 
 def check_runnable_here(spec: TargetSpec, artifact: str) -> None:
-    """Refuse an artifact built for another architecture, or for CPU features this CPU lacks
-    (running AVX-512 code on an AVX2-only CPU would die with an illegal instruction)."""
-    machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
-    if spec.arch != machine:
-        raise TargetError(f"{artifact}: built for {spec.name} ({spec.arch}), but this machine is {machine}")
-    if spec.kind == "llvm" and spec.mcpu != host_cpu():
-        missing = sorted(cpu_features(spec.mcpu) - cpu_features(host_cpu()))
-        if missing:
-            raise TargetError(f"{artifact}: built for CPU {spec.mcpu}, whose features {', '.join(missing[:6])}"
-                              f"{' ...' if len(missing) > 6 else ''} this CPU ({host_cpu()}) lacks",
-                              hint=f"recompile with --mcpu {host_cpu()} (or an older CPU model)")
+    if spec.arch != machine_arch():
+        raise TargetError(f"{artifact}: built for {spec.name} ({spec.arch}), but this machine is {machine_arch()}")
+    family_of(spec).check_runnable_here(spec, artifact)

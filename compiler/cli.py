@@ -54,8 +54,10 @@ def _guarded(json_errors: bool, fn, *args, **kwargs):
 def compile_cmd(
     model: str = typer.Argument(..., help="short name (smollm2, minilm, mlp, ...), HF folder, .onnx file"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
-    target: str = typer.Option("x86", "--target", help="compilation target"),
-    mcpu: Optional[str] = typer.Option(None, "--mcpu", help="CPU model (default: this machine's)"),
+    target: str = typer.Option("x86", "--target", help="compilation target: x86, arm64, cuda"),
+    mcpu: Optional[str] = typer.Option(None, "--mcpu", help="CPU model: znver4, cortex-a76, ... (x86 default: this machine's)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="GPU architecture for cuda, e.g. sm_90 (default: this machine's GPU)"),
+    fp16: bool = typer.Option(False, "--fp16", help="compute in float16 (GPU targets)"),
     passes: Optional[str] = typer.Option(None, "--passes", help="comma-separated pass list"),
     shape: List[str] = typer.Option([], "--shape", help="fix an input shape, e.g. input_ids=1x128"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write one numbered IR file per pass"),
@@ -88,7 +90,8 @@ def compile_cmd(
                        prune_ffn=prune_ffn, lowrank=lowrank, lowrank_method=lowrank_method,
                        lowrank_energy=lowrank_energy, calib=calib, calib_samples=calib_samples,
                        calib_seq_len=calib_seq_len)
-    _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, passes=passes,
+    _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
+             passes=passes,
              shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
              force=force, as_json=as_json, compression=compression)
 

@@ -48,14 +48,14 @@ class RichProgress:
             self.progress.console.print(payload.get("text", ""), highlight=False, markup=False, soft_wrap=True)
 
 
-def run_compile(*, model, output, target, mcpu, passes, shape, dump_ir, print_after, verify, schedule, force,
+def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, shape, dump_ir, print_after, verify, schedule, force,
                 as_json, compression=None):
     from slimgraph.compiler.driver import CompileOptions, compile_model
     from slimgraph.compiler.recipe import recipe_from_flags
     from slimgraph.compiler.specialize import parse_shape_specs
 
     options = CompileOptions(
-        target=target, mcpu=mcpu, passes=tuple(p.strip() for p in passes.split(",")) if passes else None,
+        target=target, mcpu=mcpu, arch=arch, fp16=fp16, passes=tuple(p.strip() for p in passes.split(",")) if passes else None,
         shapes=parse_shape_specs(shape), dump_ir=dump_ir, print_after=tuple(print_after), verify=verify,
         schedule=schedule, force=force, recipe=recipe_from_flags(**(compression or {})),
     )

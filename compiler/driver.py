@@ -35,7 +35,9 @@ def _quiet(kind: str, payload: dict) -> None:
 @dataclass
 class CompileOptions:
     target: str = "x86"
-    mcpu: str | None = None
+    mcpu: str | None = None              # CPU model (x86, arm64)
+    arch: str | None = None              # GPU architecture (cuda: sm_90); None: the GPU present
+    fp16: bool = False                   # compute in float16 (GPU targets)
     passes: tuple | None = None          # None: the default pipeline
     shapes: dict = field(default_factory=dict)
     dump_ir: Path | None = None
@@ -131,7 +133,10 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
     from slimgraph.backends.artifact import ArtifactWriter, REPORT, seal_manifest, write_json
     from slimgraph.backends.compile import build_artifact_files
 
+    from slimgraph.backends.targets import resolve_target
+
     options = options or CompileOptions()
+    resolve_target(options.target, options.mcpu, gpu_arch=options.arch, fp16=options.fp16)  # fail before any work
     model_name = None if isinstance(model, Module) else str(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -170,7 +175,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "pipeline": list(options.passes or [r.name for r in pipeline.records]),
             "recipe": options.recipe.to_dict() if options.recipe is not None else None,
             "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,
-                        "schedule": options.schedule, "mcpu": options.mcpu, "dump_ir": options.dump_ir is not None},
+                        "schedule": options.schedule, "mcpu": options.mcpu, "arch": options.arch, "fp16": options.fp16, "dump_ir": options.dump_ir is not None},
             "entries": build.entries,
         })
     on_event("done", {"output": str(writer.out), "seconds": timings["total"]})

@@ -105,7 +105,7 @@ def test_target_checked_before_loading(artifact, tmp_path):
     import shutil
 
     from slimgraph.backends.artifact import seal_manifest
-    from slimgraph.backends.targets import cpu_features, host_cpu
+    from slimgraph.backends.targets_cpu import cpu_features, host_cpu
     from slimgraph.compiler.errors import TargetError
 
     copy = tmp_path / "copy"

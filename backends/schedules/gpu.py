@@ -1,0 +1,108 @@
+"""Default (untuned) CUDA schedules and the Relax pipeline for GPU targets.
+
+Fusion is slimgraph's, as on CPUs: each fused function (marked ``Primitive``) becomes one kernel
+through ``FuseTIR``; TVM's ``FuseOps`` and ``FoldConstant`` are not run. Every kernel then gets a
+GPU schedule from TVM's DLight rules, tried in this order:
+
+* ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
+  reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
+  words are read from memory and unpacked in registers (no float copy of the weights);
+* ``Matmul``: tiled GEMM through shared memory (prefill, batched tokens), prologues inlined;
+* ``RMSNorm`` / ``Reduction`` / ``GeneralReduction``: row reductions, softmax, layer norms;
+* ``Transpose`` and ``Fallback``: layout and element-wise kernels, one thread per element.
+
+Rules are tried in that order on each kernel; one that does not apply, or raises (some DLight
+rules trip over symbolic shapes), is skipped, so scheduling never breaks the build. Kernels that are
+already scheduled (from a tuning database) are left alone. Calls of
+the Relax VM that only depend on static shapes are captured into a CUDA graph at run time
+(``RewriteCUDAGraph``), which removes the per-kernel launch cost of small-batch steps.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+
+class StaticShapesOnly:
+    """A rule applied only to kernels whose buffers all have static shapes: ``LowBatchGEMV`` and
+    ``Transpose`` size per-thread or shared buffers by the data's dims, which a symbolic T leaves
+    unknown (TVM then fails: "Can only handle constant size stack allocation")."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        dims = [d for buf in func.buffer_map.values() for d in buf.shape]
+        if func.params and any(not isinstance(d, tirx.IntImm) for d in dims):
+            return None
+        return self.rule.apply(func, target, tunable)
+
+
+def default_rules() -> list:
+    return [
+        dl.gpu.GEMV(),
+        StaticShapesOnly(dl.gpu.LowBatchGEMV()),
+        dl.gpu.Matmul(),
+        dl.gpu.RMSNorm(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        StaticShapesOnly(dl.gpu.Transpose()),
+        dl.gpu.Fallback(),
+    ]
+
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+
+
+def schedule_prim_func(func: tirx.PrimFunc, target: Target, rules: list) -> tuple[tirx.PrimFunc, str | None]:
+    """The function scheduled by the first rule that applies (and its class name), or (func, None)."""
+    for rule in rules:
+        try:
+            space = rule.apply(func, target, False)
+        except Exception:  # pylint: disable=broad-except
+            continue
+        if space is None:
+            continue
+        sch = space[0] if isinstance(space, list) else space
+        name = type(getattr(rule, "rule", rule)).__name__
+        return sch.mod["main"].with_attr(SCHEDULED_ATTR, True), name
+    return func, None
+
+
+def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphScheduleGPU")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, tirx.PrimFunc) and not func.attrs.get(SCHEDULED_ATTR, False):
+                scheduled, _ = schedule_prim_func(func, target, rules)
+                mod[gvar] = scheduled
+        return mod
+
+    return _pass
+
+
+def build_pipeline(target: Target, *, schedule: bool = True, cuda_graph: bool = True) -> tvm.transform.Pass:
+    """Relax pipeline for CUDA: slimgraph's fusion, DLight schedules, CUDA-graph capture."""
+    lowering = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseTIR(),
+    ]
+    scheduling = [schedule_pass(target, default_rules() if schedule else [dl.gpu.Fallback()])]
+    passes = (cuda_pipeline.library_dispatch_passes(target) + lowering + scheduling
+              + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphCUDAPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        config = {"relax.backend.use_cuda_graph": cuda_graph}
+        with target, tvm.transform.PassContext(opt_level=3, config=config):
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

@@ -1,0 +1,122 @@
+"""Targets: bad target flags fail fast with clear errors; CUDA artifacts built on this CPU machine hold
+nvcc machine code (fatbin) and are refused where no GPU is present."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import slimgraph
+from slimgraph.backends.targets import TargetSpec, resolve_target
+from slimgraph.backends.targets_cuda import check_machine_code, detect_gpu_arch
+from slimgraph.compiler.driver import CompileOptions, compile_model
+from slimgraph.compiler.errors import TargetError
+from slimgraph.compiler.recipe import recipe_from_flags
+
+HAVE_NVCC = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="no nvcc on this machine")
+
+
+def compile_cli(tmp_path, *flags, env=None):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "slimgraph.compiler.cli", "compile", "mlp", "-o", str(out),
+                           "--json", *flags], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists(), "output left behind"
+    error = json.loads(proc.stdout)["error"]
+    return proc.returncode, f"{error['message']} {error.get('hint', '')}"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--target", "riscv"), ["unknown target 'riscv'", "arm64, cuda, x86"]),
+    (("--target", "x86", "--mcpu", "pentium9"), ["unknown x86 CPU 'pentium9'"]),
+    (("--target", "arm64", "--mcpu", "cortex-z1"), ["unknown ARM CPU 'cortex-z1'", "cortex-a76"]),
+    (("--target", "cuda", "--arch", "sm_9x"), ["unknown CUDA architecture 'sm_9x'", "sm_90"]),
+    (("--target", "x86", "--arch", "sm_90"), ["--arch sm_90 is for GPU targets"]),
+    (("--target", "arm64", "--fp16"), ["--fp16 is for GPU targets"]),
+    (("--target", "cuda", "--arch", "sm_90", "--mcpu", "znver4"), ["--mcpu znver4 is for CPU targets"]),
+])
+def test_bad_target_flags(tmp_path, flags, expected):
+    code, message = compile_cli(tmp_path, *flags)
+    assert code == TargetError.exit_code
+    for text in expected:
+        assert text in message, message
+
+
+def test_arm64_without_cross_linker_names_the_package(tmp_path):
+    code, message = compile_cli(tmp_path, "--target", "arm64", env={"SLIMGRAPH_ARM64_CC": "no-such-gcc"})
+    assert code == TargetError.exit_code
+    assert "no-such-gcc" in message and "gcc-aarch64-linux-gnu" in message
+
+
+def test_cuda_without_nvcc(tmp_path):
+    code, message = compile_cli(tmp_path, "--target", "cuda", "--arch", "sm_90",
+                                env={"SLIMGRAPH_NVCC": "/nonexistent/nvcc"})
+    assert code == TargetError.exit_code
+    assert "needs nvcc" in message and "/nonexistent/nvcc" in message
+
+
+@pytest.mark.skipif(detect_gpu_arch() is not None, reason="a GPU is present: its architecture is the default")
+def test_cuda_without_arch_and_without_gpu(tmp_path):
+    code, message = compile_cli(tmp_path, "--target", "cuda")
+    assert code == TargetError.exit_code and "--arch" in message
+
+
+def test_spec_round_trips_through_the_manifest_form():
+    spec = TargetSpec("arm64", "llvm", "aarch64", "cortex-a76", 4, "aarch64-linux-gnu", ("+dotprod", "+neon"))
+    assert TargetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old = {"name": "x86", "kind": "llvm", "arch": "x86_64", "mcpu": "znver4", "num_cores": 2}   # stage-1 manifests
+    assert TargetSpec.from_dict(old).mattr == () and TargetSpec.from_dict(old).gpu_arch == ""
+
+
+def test_check_machine_code_rejects_embedded_source(tmp_path):
+    fake = tmp_path / "model.so"
+    fake.write_bytes(b'\x7fELF...extern "C" __global__ void k() {}')
+    with pytest.raises(TargetError, match="embedded as source"):
+        check_machine_code(str(fake))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("model,recipe", [("tiny-llama", None), ("tiny-llama", "int4"), ("tiny-bert", None)])
+def test_cuda_build_holds_a_fatbin_and_is_refused_without_gpu(tmp_path, model, recipe):
+    flags = recipe_from_flags(quantize=recipe, group_size=16) if recipe else None
+    out = compile_model(model, tmp_path / "cuda", CompileOptions(target="cuda", arch="sm_90", recipe=flags))
+    check_machine_code(str(out / "model.so"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["gpu_arch"] == "sm_90" and manifest["target"]["kind"] == "cuda"
+    if recipe:
+        assert "dequantize" in (out / "graph.ir").read_text()
+    if detect_gpu_arch() is None:
+        with pytest.raises(TargetError, match="no CUDA driver|no GPU"):
+            slimgraph.load(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(detect_gpu_arch() is None, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt", "tiny-bert"])
+def test_cuda_artifact_matches_the_interpreter_on_the_gpu(tmp_path, model):
+    from slimgraph.compiler import interpreter
+    from slimgraph.compiler.driver import load_model
+    from slimgraph.compiler.passmanager import compare_outputs, make_sample_inputs
+
+    out = compile_model(model, tmp_path / "cuda", CompileOptions(target="cuda"))
+    module = load_model(model)[0]
+    for length in (1, 7):
+        inputs = make_sample_inputs(module, seed=length, symbol_value=length)
+        got = slimgraph.load(out)(**inputs)[0]
+        want = interpreter.run(module, inputs)[0]
+        assert compare_outputs(want, got).cosine >= 0.9999
+        assert np.abs(got - want).max() <= 1e-3 * max(np.abs(want).max(), 1e-6)
+
+
+def test_resolve_target_records_arm_features():
+    spec = resolve_target("arm64", "neoverse-n1")
+    assert {"+neon", "+dotprod"} <= set(spec.mattr) and spec.mtriple == "aarch64-linux-gnu"
+    assert "+dotprod" not in resolve_target("arm64", "cortex-a72").mattr
