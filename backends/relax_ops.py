@@ -34,10 +34,16 @@ _BINARY = {
     ops.ADD: R.add, ops.SUB: R.subtract, ops.MUL: R.multiply, ops.FLOOR_DIV: R.floor_divide, ops.MOD: R.floor_mod,
     ops.POW: R.power, ops.MAXIMUM: R.maximum, ops.MINIMUM: R.minimum, ops.EQ: R.equal, ops.NE: R.not_equal,
     ops.LT: R.less, ops.LE: R.less_equal, ops.GT: R.greater, ops.GE: R.greater_equal,
-    ops.LOGICAL_AND: R.logical_and, ops.LOGICAL_OR: R.logical_or, ops.MATMUL: R.matmul,
+    ops.LOGICAL_AND: R.logical_and, ops.LOGICAL_OR: R.logical_or,
 }
 for _op, _fn in _BINARY.items():
     lowering(_op)(lambda ctx, args, _fn=_fn: _fn(args[0], args[1]))
+
+
+@lowering(ops.MATMUL)
+def _matmul(ctx, args):
+    out = ctx.node.attr("out_dtype")
+    return R.matmul(args[0], args[1], out_dtype=TVM_DTYPES[out] if out is not None else None)
 
 
 @lowering(ops.DIV)

@@ -106,6 +106,8 @@ def optimize(module: Module, options: CompileOptions, *, model_path: str | None 
     passes = list(options.passes or DEFAULT_PIPELINE)
     if options.recipe is not None and not options.recipe.empty:
         passes = _compression_pipeline(module, options, model_path)
+    if options.fp16 and "half_precision" not in passes:
+        passes.insert(passes.index("fuse") if "fuse" in passes else len(passes), "half_precision")
     return run_pipeline(
         module, passes, verify=options.verify,
         print_after=set(options.print_after), dump_dir=options.dump_ir, on_event=on_event,

@@ -31,7 +31,7 @@ DEFAULT_PIPELINE = ("fold_constants", "simplify", "cse", "dce", "simplify", "fus
 """simplify runs twice: after CSE merged duplicate subexpressions (``x - mean(x)`` written twice)
 the normalization patterns become visible."""
 
-BUILTIN_PASS_MODULES = ("constant_folding", "dead_code", "cse", "simplify", "fusion")
+BUILTIN_PASS_MODULES = ("constant_folding", "dead_code", "cse", "simplify", "fusion", "half_precision")
 
 
 class PassResult(NamedTuple):
@@ -55,7 +55,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 _BUILTINS_LOADED = False
 
 
-def register_pass(name: str):
+def register_pass(name: str, *, lossy: bool = False):
     """Decorator: register a pass function (or a class, instantiated without arguments)."""
 
     def decorate(obj):
@@ -63,7 +63,7 @@ def register_pass(name: str):
         doc = (obj.__doc__ or "").strip()
         if not doc:
             raise TypeError(f"pass {name!r} needs a docstring explaining what it does")
-        _REGISTRY[name] = PassInfo(name, fn, doc)
+        _REGISTRY[name] = PassInfo(name, fn, doc, lossy)
         return obj
 
     return decorate

@@ -24,12 +24,20 @@ def _matmul_infer(inputs, attrs):
         raise ValueError(f"matmul inner dims differ: {a} x {b}")
     batch = broadcast_shapes(a_shape[:-2], b_shape[:-2])
     out = batch + ((a_shape[-2],) if a.rank > 1 else ()) + ((b_shape[-1],) if b.rank > 1 else ())
-    return TensorType(a.dtype, out)
+    return TensorType(attrs.get("out_dtype") or a.dtype, out)
+
+
+def _matmul_ref(ins, attrs, ctx):
+    out = attrs.get("out_dtype")
+    if out is None:
+        return np.matmul(ins[0], ins[1]).astype(ins[0].dtype)
+    return np.matmul(ins[0].astype(out.numpy), ins[1].astype(out.numpy)).astype(out.numpy)
 
 
 MATMUL = register(OpDef(
-    "matmul", OpCategory.CONTRACTION, _matmul_infer,
-    lambda ins, a, ctx: np.matmul(ins[0], ins[1]).astype(ins[0].dtype), arity=2,
+    "matmul", OpCategory.CONTRACTION, _matmul_infer, _matmul_ref, arity=2,
+    # out_dtype: products and sums in this type (f16 operands accumulated in f32); None = the operands'
+    attrs=(AttrSpec("out_dtype", AttrKind.DTYPE, None),),
 ))
 
 

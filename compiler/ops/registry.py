@@ -153,7 +153,10 @@ class OpDef:
         values = dict(values or {})
         items = []
         for spec in self.attrs:
-            if spec.name in values:
+            if spec.name in values and values[spec.name] is None and not spec.required:
+                values.pop(spec.name)
+                items.append((spec.name, spec.default))
+            elif spec.name in values:
                 items.append((spec.name, spec.coerce(values.pop(spec.name))))
             elif spec.required:
                 raise TypeError(f"{where}op {self.name} needs attribute {spec.name}")
