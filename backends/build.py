@@ -24,16 +24,16 @@ def _summarize_tvm_error(exc: BaseException) -> str:
     return (checks[-1] if checks else (lines[-1] if lines else type(exc).__name__))[:500]
 
 
-def relax_pipeline(spec: TargetSpec, *, schedule: bool = True):
-    return family_of(spec).relax_pipeline(spec, schedule)
+def relax_pipeline(spec: TargetSpec, *, schedule: bool = True, tuned=None):
+    return family_of(spec).relax_pipeline(spec, schedule, tuned)
 
 
-def build_executable(lowered: LoweredModule, spec: TargetSpec, *, schedule: bool = True):
+def build_executable(lowered: LoweredModule, spec: TargetSpec, *, schedule: bool = True, tuned=None):
     """Compile to a ``tvm.runtime.Executable``; raises BackendError on any TVM failure."""
     target = spec.tvm_target()
     try:
         with target:
-            return tvm.compile(lowered.ir_module, target=target, relax_pipeline=relax_pipeline(spec, schedule=schedule))
+            return tvm.compile(lowered.ir_module, target=target, relax_pipeline=relax_pipeline(spec, schedule=schedule, tuned=tuned))
     except Exception as exc:  # TVM raises TVMError / InternalError / ValueError subclasses
         raise BackendError(f"TVM build for target {spec.describe()} failed: {_summarize_tvm_error(exc)}",
                            hint="this is a slimgraph bug: please report it with the --dump-ir output") from None

@@ -24,6 +24,7 @@ class BuildResult:
     num_functions: int
     tvm_version: str
     sparse_weights: dict = None   # name -> stored bytes of weights kept in the sparse format
+    tuning: dict | None = None    # kernels scheduled from the tuning database, and those that fell back
 
 
 def build_artifact_files(module: Module, directory: Path, options, *, on_event=lambda k, p: None) -> BuildResult:
@@ -38,7 +39,10 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     on_event("stage_end", {"stage": "lower"})
     t0 = time.perf_counter()
     on_event("stage_start", {"stage": "build", "detail": f"TVM {spec.describe()}"})
-    executable = build_executable(lowered, spec, schedule=options.schedule)
+    tuned, tuning = _tuning_pass(options, spec, on_event)
+    executable = build_executable(lowered, spec, schedule=options.schedule, tuned=tuned)
+    if tuning is not None:
+        tuning["matched"], tuning["fallback"] = sorted(tuning.get("matched", [])), sorted(tuning.get("fallback", []))
     export_library(executable, spec, str(directory / LIBRARY))
     timings["build"] = time.perf_counter() - t0
     on_event("stage_end", {"stage": "build"})
@@ -48,4 +52,20 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     timings["write_weights"] = time.perf_counter() - t0
     entries = {name: {"inputs": sig.inputs, "weights": sig.weights, "outputs": sig.outputs}
                for name, sig in lowered.entries.items()}
-    return BuildResult(spec, entries, timings, num_functions, tvm.__version__, sparse)
+    return BuildResult(spec, entries, timings, num_functions, tvm.__version__, sparse, tuning)
+
+
+def _tuning_pass(options, spec: TargetSpec, on_event):
+    """(pass applying the tuning database, its report) or (None, None) without --tuning-db. A
+    database for another target or slimgraph version is ignored with a warning."""
+    if options.tuning_db is None:
+        return None, None
+    from slimgraph.backends.tuning import TuningDatabase, tuned_schedules_pass
+
+    db = TuningDatabase.open(options.tuning_db, spec, create=False)
+    report = {"database": str(db.folder)}
+    if not db.usable:
+        report["warning"] = db.warning
+        on_event("warning", {"text": f"--tuning-db: {db.warning}; default schedules are used"})
+        return None, report
+    return tuned_schedules_pass(db, report), report

@@ -61,6 +61,13 @@ class EntryPoint:
         outs = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [o.numpy() for o in outs]
 
+    def prepared(self, *args, **kwargs):
+        """A zero-argument callable running this entry on inputs converted to device tensors once
+        (for timing loops: no host copies per call); it returns the raw TVM result, not numpy."""
+        tensors = self._tensors(args, kwargs)
+        function = self.model.vm[self.name]
+        return lambda: function(*tensors, *self._weights)
+
     def time(self, *args, number: int = 10, repeat: int = 3, **kwargs) -> list[float]:
         """Per-call seconds measured by TVM's time evaluator (inputs converted once)."""
         evaluator = self.model.vm.time_evaluator(self.name, self.model.device, number=number, repeat=repeat)

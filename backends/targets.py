@@ -71,7 +71,11 @@ class TargetFamily(Protocol):
 
     def tvm_target(self, spec: TargetSpec) -> tvm.target.Target: ...
 
-    def relax_pipeline(self, spec: TargetSpec, schedule: bool): ...
+    def relax_pipeline(self, spec: TargetSpec, schedule: bool, tuned=None):
+        """The Relax -> executable pipeline; ``tuned`` schedules kernels from a tuning database first."""
+
+    def lowering_passes(self, spec: TargetSpec) -> list:
+        """The pipeline's passes up to one unscheduled kernel per fused function (for tuning)."""
 
     def export(self, executable, path: str) -> None:
         """Write the compiled library (machine code only) to ``path``."""

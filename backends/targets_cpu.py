@@ -46,13 +46,19 @@ def _no_gpu_flags(name: str, gpu_arch: str | None, fp16: bool) -> None:
         raise TargetError(f"--fp16 is for GPU targets; --target {name} computes in float32")
 
 
-def cpu_pipeline(spec: TargetSpec, schedule: bool):
+def cpu_pipeline(spec: TargetSpec, schedule: bool, tuned=None):
     target = spec.tvm_target()
     if not schedule:
         return tvm.relax.get_default_pipeline(target)
     from slimgraph.backends.schedules.cpu import build_pipeline
 
-    return build_pipeline(target)
+    return build_pipeline(target, tuned)
+
+
+def cpu_lowering_passes(spec: TargetSpec) -> list:
+    from slimgraph.backends.schedules.cpu import lowering_passes
+
+    return lowering_passes(spec.tvm_target())
 
 
 class X86Family:
@@ -71,6 +77,7 @@ class X86Family:
         return spec.host_target()
 
     relax_pipeline = staticmethod(cpu_pipeline)
+    lowering_passes = staticmethod(cpu_lowering_passes)
 
     def export(self, executable, path: str) -> None:
         executable.export_library(path)
@@ -122,6 +129,7 @@ class Arm64Family:
         return spec.host_target()
 
     relax_pipeline = staticmethod(cpu_pipeline)
+    lowering_passes = staticmethod(cpu_lowering_passes)
 
     def export(self, executable, path: str) -> None:
         from tvm.support import cc

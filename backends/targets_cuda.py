@@ -97,10 +97,15 @@ class CudaFamily:
     def tvm_target(self, spec):
         return tvm.target.Target({"kind": "cuda", "arch": spec.gpu_arch}, host=spec.host_target())
 
-    def relax_pipeline(self, spec, schedule: bool):
+    def relax_pipeline(self, spec, schedule: bool, tuned=None):
         from slimgraph.backends.schedules.gpu import build_pipeline
 
-        return build_pipeline(spec.tvm_target(), schedule=schedule)
+        return build_pipeline(spec.tvm_target(), schedule=schedule, tuned=tuned)
+
+    def lowering_passes(self, spec) -> list:
+        from slimgraph.backends.schedules.gpu import lowering_passes
+
+        return lowering_passes(spec.tvm_target())
 
     def export(self, executable, path: str) -> None:
         executable.export_library(path)

@@ -1,7 +1,8 @@
 """Calibration data and the activation statistics that compression methods need.
 
 Sources (``--calib``): a text file, tokenized with the model's own tokenizer and cut into
-``samples`` windows of ``seq_len`` consecutive tokens; an ``.npz`` file whose arrays are named
+``samples`` windows of ``seq_len`` consecutive tokens (of the fixed length instead, for a model
+compiled with a static token count); an ``.npz`` file whose arrays are named
 like the model's inputs (one call each, or stacked along a leading sample axis); or, by default,
 the built-in calibration text (Wikipedia articles disjoint from the evaluation slice).
 
@@ -189,11 +190,21 @@ def _text_batches(path: Path, spec: CalibrationSpec, module: Module, folder: str
     from transformers import AutoTokenizer
 
     ids = np.asarray(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], np.int64)
-    windows = [ids[i:i + spec.seq_len] for i in range(0, len(ids) - 1, spec.seq_len)][: spec.samples]
-    windows = [w for w in windows if len(w) >= 2]
+    length = _static_length(module) or spec.seq_len
+    windows = [ids[i:i + length] for i in range(0, len(ids) - 1, length)][: spec.samples]
+    windows = [w for w in windows if len(w) == length] if _static_length(module) else [w for w in windows if len(w) >= 2]
     if not windows:
         raise CalibrationError(f"{path}: calibration text has fewer than 2 tokens")
     return [_token_inputs(module, w) for w in windows]
+
+
+def _static_length(module: Module) -> int | None:
+    """The token count of a module compiled for one fixed length (``--shape input_ids=1x128``): its
+    calibration windows have exactly that many tokens. None when the length is symbolic."""
+    for p in module.main.params:
+        if p.name == "input_ids" and p.type.rank == 2 and isinstance(p.type.shape[1], int):
+            return p.type.shape[1]
+    return None
 
 
 def _token_inputs(module: Module, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -65,6 +65,7 @@ def compile_cmd(
     verify: bool = typer.Option(False, "--verify", help="check the graph numerically after every pass"),
     no_schedule: bool = typer.Option(False, "--no-schedule", help="build without slimgraph's CPU schedules"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="apply the schedules `slimgraph tune` recorded here"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="compression recipe (TOML) with per-layer rules"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="weight quantization: int8, int4, int3"),
     group_size: int = typer.Option(128, "--group-size", help="rows per quantization group (0: per channel)"),
@@ -93,7 +94,35 @@ def compile_cmd(
     _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
              passes=passes,
              shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
-             force=force, as_json=as_json, compression=compression)
+             force=force, as_json=as_json, compression=compression, tuning_db=tuning_db)
+
+
+@app.command("tune")
+def tune_cmd(
+    model: str = typer.Argument(..., help="short name, HF folder or .onnx file, as for compile"),
+    db: Path = typer.Option(..., "--db", help="tuning database directory (one sub-folder per target)"),
+    trials: int = typer.Option(64, "--trials", help="measured schedules per kernel"),
+    target: str = typer.Option("x86", "--target", help="compilation target: x86, arm64, cuda"),
+    mcpu: Optional[str] = typer.Option(None, "--mcpu", help="CPU model (x86 default: this machine's)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="GPU architecture for cuda, e.g. sm_90"),
+    fp16: bool = typer.Option(False, "--fp16", help="compute in float16 (GPU targets)"),
+    shape: List[str] = typer.Option([], "--shape", help="fix an input shape, e.g. input_ids=1x128"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="compression recipe (TOML)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="weight quantization: int8, int4, int3"),
+    group_size: int = typer.Option(128, "--group-size", help="rows per quantization group (0: per channel)"),
+    method: str = typer.Option("rtn", "--method", help="quantizer: rtn, gptq, awq"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="symmetric quantization"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="measure on devices of this TVM RPC tracker, HOST:PORT"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key the RPC servers registered with"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Tune MODEL's kernels for a target with MetaSchedule into a database that compile --tuning-db applies."""
+    from slimgraph.compiler.cli_commands import run_tune
+
+    compression = dict(recipe_file=recipe, quantize=quantize, group_size=group_size, method=method,
+                       symmetric=symmetric)
+    _guarded(as_json, run_tune, model=model, db=db, trials=trials, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
+             shape=shape, compression=compression, rpc_tracker=rpc_tracker, rpc_key=rpc_key, as_json=as_json)
 
 
 @app.command("run")

@@ -33,6 +33,15 @@ class RichProgress:
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
+    def _tune_line(self, p: dict) -> None:
+        """One line per tuning task, updated after every measured batch."""
+        key = f"tune:{p['task']}"
+        text = (f"tune {p['task']}: {p['trials']} trials, current {_ms(p['current_s'])}, best {_ms(p['best_s'])}"
+                f"{', ' + str(p['failed']) + ' failed' if p['failed'] else ''}, {p['elapsed_s']:.0f} s")
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(text, total=None)
+        self.progress.update(self.tasks[key], description=text)
+
     def __call__(self, kind: str, payload: dict) -> None:
         if self.progress is None:
             return
@@ -44,12 +53,41 @@ class RichProgress:
             key = payload.get("stage") or payload.get("pass")
             if key in self.tasks:
                 self.progress.update(self.tasks[key], completed=1)
+        elif kind == "tune_progress":
+            self._tune_line(payload)
+        elif kind == "tune_task_end" and payload.get("skipped"):
+            self.progress.console.print(f"  {payload['task']}: {payload['records_before']} records, {payload['skipped']}")
+        elif kind == "warning":
+            self.progress.console.print(f"[yellow]warning[/] {payload['text']}", highlight=False)
         elif kind == "print_after":
             self.progress.console.print(payload.get("text", ""), highlight=False, markup=False, soft_wrap=True)
 
 
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f} ms"
+
+
+def run_tune(*, model, db, trials, target, mcpu, arch, fp16, shape, compression, rpc_tracker, rpc_key, as_json):
+    from slimgraph.compiler.driver import CompileOptions, tune_model
+    from slimgraph.compiler.recipe import recipe_from_flags
+    from slimgraph.compiler.specialize import parse_shape_specs
+
+    options = CompileOptions(target=target, mcpu=mcpu, arch=arch, fp16=fp16, shapes=parse_shape_specs(shape),
+                             recipe=recipe_from_flags(**compression))
+    with RichProgress(not as_json) as progress:
+        result = tune_model(model, db, options, trials=trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                            on_event=progress)
+    if as_json:
+        print(json.dumps({"ok": True, **result}))
+        return
+    print(f"{len(result['tasks'])} kernels, {result['measured']} schedules measured, records in {result['database']}")
+    for row in result["tasks"]:
+        print(f"  {row['task']:48s} best {_ms(row['best_s']):>12s}  ({row['records_before']} -> "
+              f"{row['records_before'] + row['measured']} records)")
+
+
 def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, shape, dump_ir, print_after, verify, schedule, force,
-                as_json, compression=None):
+                as_json, compression=None, tuning_db=None):
     from slimgraph.compiler.driver import CompileOptions, compile_model
     from slimgraph.compiler.recipe import recipe_from_flags
     from slimgraph.compiler.specialize import parse_shape_specs
@@ -57,7 +95,7 @@ def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, s
     options = CompileOptions(
         target=target, mcpu=mcpu, arch=arch, fp16=fp16, passes=tuple(p.strip() for p in passes.split(",")) if passes else None,
         shapes=parse_shape_specs(shape), dump_ir=dump_ir, print_after=tuple(print_after), verify=verify,
-        schedule=schedule, force=force, recipe=recipe_from_flags(**(compression or {})),
+        schedule=schedule, force=force, recipe=recipe_from_flags(**(compression or {})), tuning_db=tuning_db,
     )
     if options.passes:
         from slimgraph.compiler.passmanager import get_pass
@@ -73,6 +111,11 @@ def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, s
         secs = report["compile_seconds"]["total"]
         print(f"wrote {out} in {secs:.1f} s: {report['nodes']['input']} -> {report['nodes']['output']} nodes, "
               f"{report['kernels']['output']} kernels, {report['weight_bytes']['output'] / 1e6:.1f} MB of weights")
+        tuning = report.get("tuning")
+        if tuning and "warning" not in tuning:
+            print(f"tuning database {tuning['database']}: {len(tuning['matched'])} kernels tuned, "
+                  f"{len(tuning['fallback'])} on default schedules ({', '.join(tuning['fallback'][:8])}"
+                  f"{' ...' if len(tuning['fallback']) > 8 else ''})")
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -46,6 +46,7 @@ class CompileOptions:
     schedule: bool = True
     force: bool = False
     recipe: "Recipe | None" = None        # compression steps (slimgraph.compiler.recipe)
+    tuning_db: Path | None = None         # apply the schedules tuned into this directory (slimgraph tune)
 
 
 def model_hash(model_path: str | None) -> str | None:
@@ -129,6 +130,23 @@ def _compression_pipeline(module: Module, options: CompileOptions, model_path: s
     return compression_pipeline(context)
 
 
+def tune_model(model, db: str | Path, options: CompileOptions, *, trials: int, rpc_tracker: str | None = None,
+               rpc_key: str | None = None, on_event: EventFn = _quiet, cost_model: str = "xgb") -> dict:
+    """Tune the kernels ``compile`` would build for ``model`` into the database ``db``."""
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.targets import resolve_target
+    from slimgraph.backends.tuning import check_tracker, tune_module
+
+    spec = resolve_target(options.target, options.mcpu, gpu_arch=options.arch, fp16=options.fp16)
+    if rpc_tracker is not None:
+        check_tracker(rpc_tracker)                 # fail before any work
+    module, model_path = load_model(model, on_event=on_event)
+    pipeline = optimize(module, options, model_path=model_path, on_event=on_event)
+    lowered = lower_to_relax(pipeline.module)
+    return tune_module(lowered.ir_module, spec, db, trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                       on_event=on_event, cost_model=cost_model)
+
+
 def compile_model(model, output: str | Path, options: CompileOptions | None = None, *,
                   on_event: EventFn = _quiet) -> Path:
     """Compile ``model`` for ``options.target`` into the artifact directory ``output``."""
@@ -166,6 +184,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
                              "stored": (tmp / "weights.safetensors").stat().st_size,
                              "sparse_stored": build.sparse_weights},
             "compile_seconds": {k: round(v, 3) for k, v in timings.items()},
+            "tuning": build.tuning,
         }
         write_json(tmp / REPORT, report)
         seal_manifest(tmp, {
@@ -177,7 +196,8 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "pipeline": list(options.passes or [r.name for r in pipeline.records]),
             "recipe": options.recipe.to_dict() if options.recipe is not None else None,
             "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,
-                        "schedule": options.schedule, "mcpu": options.mcpu, "arch": options.arch, "fp16": options.fp16, "dump_ir": options.dump_ir is not None},
+                        "schedule": options.schedule, "mcpu": options.mcpu, "arch": options.arch, "fp16": options.fp16,
+                        "tuning_db": str(options.tuning_db) if options.tuning_db else None, "dump_ir": options.dump_ir is not None},
             "entries": build.entries,
         })
     on_event("done", {"output": str(writer.out), "seconds": timings["total"]})

@@ -133,6 +133,12 @@ class CalibrationError(BadInputError):
     code = "SG-210"
 
 
+class TuningError(BadInputError):
+    """Tuning cannot run: an unreachable RPC tracker, a bad tuning database or budget."""
+
+    code = "SG-212"
+
+
 # ----------------------------------------------------------------------------- unsupported (exit 4)
 class UnsupportedError(SlimgraphError):
     """The input is valid but uses something slimgraph does not handle yet."""

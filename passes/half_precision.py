@@ -45,7 +45,7 @@ def _half_weights(module: Module) -> dict[str, Weight]:
             continue
         array = weight.array
         if array.size <= SCALAR_LIKE:
-            array = np.clip(array, -F16_MAX, F16_MAX)     # mask fill values, as for constants
+            array = np.asarray(np.clip(array, -F16_MAX, F16_MAX))     # mask fill values, as for constants
         peak = float(np.abs(array).max(initial=0.0))
         if not np.isfinite(peak) or peak > F16_MAX:
             raise CompressionError(f"weight {name} has values up to {peak:g}, beyond float16's range "

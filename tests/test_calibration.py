@@ -89,3 +89,16 @@ def test_text_calibration_needs_a_tokenizer(tmp_path):
         load_batches(CalibrationSpec(str(tmp_path / "c.txt")), module, None)
     with pytest.raises(CalibrationError, match="at least 1 sample"):
         load_batches(CalibrationSpec(str(tmp_path / "c.txt"), samples=0), module, None)
+
+
+@pytest.mark.realmodel
+def test_text_windows_take_the_fixed_length_of_a_static_shape_build():
+    """A model compiled with --shape input_ids=1x128 calibrates on windows of exactly 128 tokens."""
+    from slimgraph.compiler.driver import load_model
+    from slimgraph.compiler.specialize import bind_from_shapes, specialize
+
+    module, folder = load_model("smollm2")
+    static = specialize(module, bind_from_shapes(module, {"input_ids": (1, 128)}))
+    batches = load_batches(CalibrationSpec(samples=3), static, folder)
+    assert [b["input_ids"].shape for b in batches] == [(1, 128)] * 3
+    assert load_batches(CalibrationSpec(samples=2, seq_len=64), module, folder)[0]["input_ids"].shape == (1, 64)

@@ -120,30 +120,36 @@ def mark_all_noalias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.
     return mod
 
 
-def build_pipeline(target: Target) -> tvm.transform.Pass:
-    """The Relax pipeline of ``relax.get_default_pipeline`` for llvm, with two changes.
+def lowering_passes(target: Target) -> list:
+    """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts)."""
+    return cpu_pipeline.library_dispatch_passes(target) + [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        _fastmath.fast_math_pass,
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def build_pipeline(target: Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline of ``relax.get_default_pipeline`` for llvm, with three changes.
 
     * Fusion is slimgraph's: TVM's ``FuseOps`` is not run; ``FuseTIR`` merges each of slimgraph's
       fused functions (marked ``Primitive``) into one kernel, and every other op stays its own kernel.
     * TVM's ``FoldConstant`` is not run either: slimgraph folds constants in its own IR, and TVM's
       would turn constant subexpressions inside fused functions into tensor constants, which
       ``FuseTIR`` rejects.
-    * The schedules of this package are applied to every kernel after ``FuseTIR``.
+    * Kernels get schedules after ``FuseTIR``: first those of a tuning database (``tuned``, see
+      ``backends.tuning``), then this package's defaults for the rest.
     ``_fastmath`` swaps float32 exp/sigmoid/erf/softmax/gelu for vectorizable polynomial forms
     (libm calls would serialize the vector loops).
     Use as ``tvm.compile(mod, target, relax_pipeline=build_pipeline(target))``.
     """
     passes = (
-        cpu_pipeline.library_dispatch_passes(target)
-        + [
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            _fastmath.fast_math_pass,
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseTIR(),
-            schedule_pass(target),
-        ]
+        lowering_passes(target)
+        + ([tuned] if tuned is not None else [])
+        + [schedule_pass(target)]
         + cpu_pipeline.dataflow_lower_passes(target)
         + cpu_pipeline.finalize_passes(target)
         + [mark_all_noalias]

@@ -36,8 +36,8 @@ class StaticShapesOnly:
         self.rule = rule
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        dims = [d for buf in func.buffer_map.values() for d in buf.shape]
-        if func.params and any(not isinstance(d, tirx.IntImm) for d in dims):
+        dims = [d for buf in func.params for d in getattr(buf, "shape", ())]
+        if any(not isinstance(d, tirx.IntImm) for d in dims):
             return None
         return self.rule.apply(func, target, tunable)
 
@@ -86,17 +86,23 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
     return _pass
 
 
-def build_pipeline(target: Target, *, schedule: bool = True, cuda_graph: bool = True) -> tvm.transform.Pass:
-    """Relax pipeline for CUDA: slimgraph's fusion, DLight schedules, CUDA-graph capture."""
-    lowering = [
+def lowering_passes(target: Target) -> list:
+    """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts)."""
+    return cuda_pipeline.library_dispatch_passes(target) + [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FuseTIR(),
     ]
-    scheduling = [schedule_pass(target, default_rules() if schedule else [dl.gpu.Fallback()])]
-    passes = (cuda_pipeline.library_dispatch_passes(target) + lowering + scheduling
+
+
+def build_pipeline(target: Target, *, schedule: bool = True, cuda_graph: bool = True,
+                   tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
+    """Relax pipeline for CUDA: slimgraph's fusion, tuned schedules where a database has them,
+    DLight schedules for the rest, CUDA-graph capture."""
+    rules = default_rules() if schedule else [dl.gpu.Fallback()]
+    passes = (lowering_passes(target) + ([tuned] if tuned is not None else []) + [schedule_pass(target, rules)]
               + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphCUDAPipeline")

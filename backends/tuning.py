@@ -1,0 +1,252 @@
+"""Autotuning with TVM MetaSchedule: ``slimgraph tune`` writes a database, ``compile --tuning-db`` reads it.
+
+Tasks. A model is optimized and lowered exactly as ``compile`` does, up to ``FuseTIR``: one
+unscheduled TIR kernel per slimgraph-fused function. Kernels are keyed by their structural hash,
+so identical kernels (the same layer repeated, the same GEMM in two models) are one task.
+
+Database. ``DIR/<target key>/`` holds MetaSchedule's JSON database (workloads + tuning records,
+appended record by record as measurements finish, so an interrupted run loses nothing measured) and
+``slimgraph-tuning.json`` naming the slimgraph version and the target spec it was tuned for. A
+directory for another target is never read (each target has its own key); one written by another
+slimgraph version is ignored with a warning, since its kernels may no longer be the ones compiled.
+
+Kernels with a symbolic dim (T left free) are not tuned: MetaSchedule's search spaces assume static
+loop extents. Tune and compile with ``--shape input_ids=1x128`` for tuned kernels.
+
+Resuming. A task whose workload already has ``trials`` records is not tuned again; otherwise it gets
+the missing trials. A rerun on a finished database measures nothing.
+
+Measuring. Locally (``LocalBuilder`` + ``LocalRunner``) or on devices registered with a TVM RPC
+tracker (``--rpc-tracker HOST:PORT --rpc-key KEY``), the engine of tuning farms; an unreachable
+tracker fails at once, naming the address. Failed measurements (a server lost mid-run) are recorded
+as failures by MetaSchedule and tuning continues with the servers left.
+
+Applying. ``tuned_schedules_pass`` gives each kernel found in the database its best schedule and
+counts matches; the target's default schedules handle the rest (reported as fallbacks).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from slimgraph import __version__
+from slimgraph.backends.targets import TargetSpec, family_of
+from slimgraph.compiler.errors import TuningError
+
+META_FILE = "slimgraph-tuning.json"
+BUILD_TIMEOUT_S = 180     # a builder worker imports TVM first: slow on a loaded 2-core machine
+RUN_TIMEOUT_S = 60
+SCHEDULED_ATTR = "tirx.is_scheduled"
+EventFn = Callable[[str, dict], None]
+
+
+def target_key(spec: TargetSpec) -> str:
+    """Directory name of a target's records: its family, CPU/GPU model, features and cores."""
+    parts = [spec.name, spec.gpu_arch or spec.mcpu or spec.arch, *(a.lstrip("+") for a in spec.mattr),
+             f"{spec.num_cores}c", *(["fp16"] if spec.fp16 else [])]
+    return "-".join(p for p in parts if p)
+
+
+def task_module(func: tirx.PrimFunc) -> tvm.IRModule:
+    """A kernel as MetaSchedule keys it: one ``main`` function, noalias."""
+    func = func.with_attr("global_symbol", "main").with_attr("tirx.noalias", True)
+    return tvm.IRModule({"main": func})
+
+
+@dataclass
+class TuningDatabase:
+    """The records of one target inside a tuning directory."""
+
+    root: Path
+    spec: TargetSpec
+    usable: bool = True
+    warning: str | None = None
+    _db: ms.database.JSONDatabase | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / target_key(self.spec)
+
+    @classmethod
+    def open(cls, root: str | Path, spec: TargetSpec, *, create: bool) -> "TuningDatabase":
+        db = cls(Path(root), spec)
+        meta = db.folder / META_FILE
+        if not meta.is_file():
+            if not create:
+                db.usable, db.warning = False, f"{db.root} has no records for target {target_key(spec)}"
+                return db
+            db.folder.mkdir(parents=True, exist_ok=True)
+            meta.write_text(json.dumps({"slimgraph_version": __version__, "target": spec.to_dict()}, indent=1))
+        recorded = json.loads(meta.read_text())
+        if recorded.get("slimgraph_version") != __version__:
+            db.usable = False
+            db.warning = (f"{db.folder} was tuned by slimgraph {recorded.get('slimgraph_version')}, this is "
+                          f"{__version__}: its records are ignored")
+        elif TargetSpec.from_dict(recorded["target"]) != spec:
+            db.usable, db.warning = False, f"{db.folder} was tuned for another target: its records are ignored"
+        return db
+
+    @property
+    def ms_database(self) -> ms.database.JSONDatabase:
+        if self._db is None:
+            self._db = ms.database.JSONDatabase(work_dir=str(self.folder), module_equality="structural")
+        return self._db
+
+    def records_for(self, func: tirx.PrimFunc) -> int:
+        mod = task_module(func)
+        if not self.ms_database.has_workload(mod):
+            return 0
+        return len(self.ms_database.get_top_k(self.ms_database.commit_workload(mod), 1 << 20))
+
+    def best_seconds(self, func: tirx.PrimFunc) -> float | None:
+        mod = task_module(func)
+        if not self.ms_database.has_workload(mod):
+            return None
+        top = self.ms_database.get_top_k(self.ms_database.commit_workload(mod), 1)
+        if not top or not top[0].run_secs:
+            return None
+        return float(sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs))
+
+    def schedule_for(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+        sch = self.ms_database.query_schedule(task_module(func), self.spec.tvm_target(), workload_name="main")
+        return None if sch is None else sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+
+
+def has_symbolic_shapes(func: tirx.PrimFunc) -> bool:
+    return any(not isinstance(d, tirx.IntImm) for buf in func.params for d in getattr(buf, "shape", ()))
+
+
+def extract_kernels(ir_module: tvm.IRModule, spec: TargetSpec) -> list[tuple[str, tirx.PrimFunc]]:
+    """(name, unscheduled kernel) per distinct kernel of a lowered module, in name order. Kernels
+    with symbolic dims are included; :func:`tune_module` leaves them to the default schedules."""
+    target = spec.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(family_of(spec).lowering_passes(spec))(ir_module)
+    seen, kernels = set(), []
+    for gvar, func in sorted(mod.functions_items(), key=lambda item: item[0].name_hint):
+        if isinstance(func, tirx.PrimFunc) and gvar.name_hint != "shape_func":
+            key = tvm_ffi.structural_hash(task_module(func))
+            if key not in seen:
+                seen.add(key)
+                kernels.append((gvar.name_hint, func))
+    return kernels
+
+
+def tuned_schedules_pass(db: TuningDatabase, report: dict) -> tvm.transform.Pass:
+    """Kernels found in ``db`` get their best schedule; ``report`` collects matched/fallback names."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphApplyTuningDatabase")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get(SCHEDULED_ATTR, False):
+                continue
+            tuned = db.schedule_for(func)
+            report.setdefault("matched" if tuned is not None else "fallback", []).append(gvar.name_hint)
+            if tuned is not None:
+                mod[gvar] = tuned
+        return mod
+
+    return _pass
+
+
+def check_tracker(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a reachable RPC tracker, or TuningError naming the address."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TuningError(f"--rpc-tracker wants HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise TuningError(f"RPC tracker {host}:{port} is not reachable ({exc.strerror or exc})",
+                          hint="start one with: python -m tvm.exec.rpc_tracker --host HOST --port PORT") from None
+    return host, int(port)
+
+
+def make_runner(rpc_tracker: str | None, rpc_key: str | None, workers: int):
+    if rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    if not rpc_key:
+        raise TuningError("--rpc-tracker needs --rpc-key, the device key the servers registered with")
+    host, port = check_tracker(rpc_tracker)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc_key,
+                                 session_timeout_sec=60)
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=workers)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports every measured batch of one task: trials so far, the batch's best and the best yet."""
+
+    def __init__(self, name: str, already: int, on_event: EventFn):
+        self.name, self.trials, self.best, self.on_event = name, already, None, on_event
+        self.start = time.perf_counter()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        times = [sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in runner_results
+                 if r.error_msg is None and r.run_secs]
+        self.trials += len(runner_results)
+        current = min(times) if times else None
+        if current is not None and (self.best is None or current < self.best):
+            self.best = current
+        errors = [r.error_msg for r in list(builder_results) + list(runner_results) if r.error_msg]
+        self.on_event("tune_progress", {"task": self.name, "trials": self.trials, "current_s": current,
+                                        "best_s": self.best, "failed": len(runner_results) - len(times),
+                                        "first_error": str(errors[0]).strip().splitlines()[-1][:300] if errors else None,
+                                        "elapsed_s": time.perf_counter() - self.start})
+
+
+def tune_kernel(name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int, runner, *,
+                on_event: EventFn, cost_model: str = "xgb") -> dict:
+    """Tune one kernel up to ``trials`` records in ``db``; returns the task's summary row."""
+    have = db.records_for(func)
+    row = {"task": name, "records_before": have, "trials": trials}
+    if have >= trials:
+        return {**row, "measured": 0, "best_s": db.best_seconds(func), "skipped": "already tuned"}
+    target = db.spec.tvm_target()
+    context = ms.TuneContext(mod=task_module(func), target=target, space_generator="post-order-apply",
+                             search_strategy="evolutionary", task_name=name, num_threads="physical").clone()
+    progress = _Progress(name, have, on_event)
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), progress]
+    ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db.folder), max_trials_global=trials - have,
+                  num_trials_per_iter=min(64, trials - have), builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner,
+                  database=db.ms_database, cost_model=cost_model, measure_callbacks=callbacks)
+    return {**row, "measured": progress.trials - have, "best_s": db.best_seconds(func)}
+
+
+def tune_module(ir_module: tvm.IRModule, spec: TargetSpec, db_dir: str | Path, trials: int, *,
+                rpc_tracker: str | None = None, rpc_key: str | None = None, on_event: EventFn,
+                cost_model: str = "xgb") -> dict:
+    """Tune every distinct kernel of a lowered module to ``trials`` records in the database."""
+    if trials < 1:
+        raise TuningError(f"--trials must be at least 1, got {trials}")
+    runner = make_runner(rpc_tracker, rpc_key, workers=max(1, spec.num_cores))
+    db = TuningDatabase.open(db_dir, spec, create=True)
+    if not db.usable:
+        raise TuningError(f"{db.warning}; tune into another --db directory")
+    kernels = extract_kernels(ir_module, spec)
+    on_event("tune_start", {"tasks": len(kernels), "database": str(db.folder)})
+    rows = []
+    for index, (name, func) in enumerate(kernels):
+        if has_symbolic_shapes(func):
+            rows.append({"task": name, "records_before": 0, "trials": trials, "measured": 0, "best_s": None,
+                         "skipped": "symbolic shape (MetaSchedule tunes static shapes: compile with --shape)"})
+        else:
+            on_event("tune_task", {"task": name, "index": index, "tasks": len(kernels), "records": db.records_for(func)})
+            rows.append(tune_kernel(name, func, db, trials, runner, on_event=on_event, cost_model=cost_model))
+        on_event("tune_task_end", rows[-1])
+    return {"database": str(db.folder), "target": target_key(spec), "tasks": rows,
+            "measured": sum(r["measured"] for r in rows)}

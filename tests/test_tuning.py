@@ -1,0 +1,172 @@
+"""Autotuning: records land in the database (locally and through a loopback RPC tracker with two
+servers, one of which is lost mid-run), a rerun measures nothing new, compile --tuning-db applies the
+records and reports matches and fallbacks, and databases of another version or target are ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import slimgraph
+from golden_util import GraphMaker
+from slimgraph.compiler import interpreter, ops
+from slimgraph.compiler.driver import CompileOptions, compile_model, tune_model
+from slimgraph.compiler.errors import TuningError
+from slimgraph.compiler.passmanager import make_sample_inputs
+from slimgraph.compiler.types import DType, TensorType
+
+pytestmark = pytest.mark.slow
+TRIALS = 4
+
+
+def two_kernel_model():
+    """x[8,32] -> relu(x @ W1) @ W2: two matmul kernels with static shapes."""
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (8, 32)))
+    w1 = g.weight("w1", (32, 32))
+    w2 = g.weight("w2", (32, 16))
+    h = g(ops.RELU, g(ops.MATMUL, x, w1))
+    return g.module(g(ops.MATMUL, h, w2, name="y"))
+
+
+def tune(module, db, **kwargs):
+    events = []
+    result = tune_model(module, db, CompileOptions(), trials=TRIALS, cost_model="random",
+                        on_event=lambda k, p: events.append((k, p)), **kwargs)
+    return result, events
+
+
+def record_lines(folder) -> int:
+    path = folder / "database_tuning_record.json"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory):
+    db = tmp_path_factory.mktemp("tuning")
+    result, events = tune(two_kernel_model(), db)
+    return db, result, events
+
+
+def test_records_land_and_rerun_measures_nothing(tuned_db):
+    db, result, events = tuned_db
+    assert len(result["tasks"]) >= 2 and result["measured"] >= len(result["tasks"]) * TRIALS
+    folder = db / result["target"]
+    assert record_lines(folder) >= result["measured"]
+    assert all(row["best_s"] and row["best_s"] > 0 for row in result["tasks"])
+    progress = [p for k, p in events if k == "tune_progress"]
+    assert progress and all({"trials", "current_s", "best_s", "elapsed_s"} <= set(p) for p in progress)
+    before = record_lines(folder)
+    again, _ = tune(two_kernel_model(), db)
+    assert again["measured"] == 0 and all(r["skipped"] == "already tuned" for r in again["tasks"])
+    assert record_lines(folder) == before
+
+
+def test_compile_applies_the_database(tuned_db, tmp_path):
+    db, result, _ = tuned_db
+    module = two_kernel_model()
+    out = compile_model(module, tmp_path / "art", CompileOptions(tuning_db=db))
+    report = json.loads((out / "report.json").read_text())["tuning"]
+    assert len(report["matched"]) == len(result["tasks"]) and "warning" not in report
+    inputs = make_sample_inputs(module, seed=1)
+    np.testing.assert_allclose(slimgraph.load(out)(**inputs)[0], interpreter.run(module, inputs)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_database_of_another_version_is_ignored_or_refused(tuned_db, tmp_path):
+    import shutil
+
+    db, result, _ = tuned_db
+    copy = tmp_path / "old"
+    shutil.copytree(db, copy)
+    meta = copy / result["target"] / "slimgraph-tuning.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "slimgraph_version": "0.0.1"}))
+    out = compile_model(two_kernel_model(), tmp_path / "art", CompileOptions(tuning_db=copy))
+    report = json.loads((out / "report.json").read_text())["tuning"]
+    assert "0.0.1" in report["warning"] and "matched" not in report
+    with pytest.raises(TuningError, match="0.0.1"):
+        tune(two_kernel_model(), copy)
+
+
+def test_database_of_another_target_is_not_read(tuned_db, tmp_path):
+    db, _, _ = tuned_db
+    out = compile_model(two_kernel_model(), tmp_path / "art", CompileOptions(tuning_db=db, mcpu="haswell"))
+    report = json.loads((out / "report.json").read_text())["tuning"]
+    assert "no records for target" in report["warning"]
+
+
+def test_symbolic_kernels_are_left_to_default_schedules(tmp_path):
+    result, _ = tune("mlp", tmp_path / "db")
+    assert result["measured"] == 0 and all("symbolic" in r["skipped"] for r in result["tasks"])
+
+
+def test_unreachable_tracker_fails_fast_naming_it(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "slimgraph.compiler.cli", "tune", "mlp", "--db", str(tmp_path / "db"),
+                           "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "k", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 60
+    assert proc.returncode == TuningError.exit_code and "Traceback" not in proc.stderr
+    assert "127.0.0.1:1" in json.loads(proc.stdout)["error"]["message"]
+    assert not (tmp_path / "db").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TVM_NUM_THREADS": "1"})
+
+
+def wait_for_servers(port: int, key: str, count: int, timeout: float = 90) -> None:
+    from tvm.rpc import connect_tracker
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            summary = connect_tracker("127.0.0.1", port).summary()
+            if sum(1 for s in summary.get("server_info", []) if s.get("key", "").endswith(key)) >= count:
+                return
+        except Exception:  # noqa: BLE001 - the tracker is still starting
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{count} RPC servers did not register with the tracker on port {port}")
+
+
+def test_rpc_loopback_with_a_server_lost_mid_run(tmp_path):
+    port, key = free_port(), "slimgraph-test"
+    tracker = start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1))
+    servers = []
+    for _ in range(2):
+        server_port = free_port()
+        servers.append(start("tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host",
+                             "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)))
+    try:
+        wait_for_servers(port, key, 2)
+        lost = []
+
+        def on_event(kind, payload):
+            if kind == "tune_task_end" and not lost:      # the first task is done: lose a server
+                servers[0].kill()
+                lost.append(payload["task"])
+
+        result = tune_model(two_kernel_model(), tmp_path / "db", CompileOptions(), trials=TRIALS,
+                            cost_model="random", rpc_tracker=f"127.0.0.1:{port}", rpc_key=key, on_event=on_event)
+        assert lost and result["measured"] >= 2 * TRIALS
+        assert record_lines(tmp_path / "db" / result["target"]) >= result["measured"]
+        first = next(r for r in result["tasks"] if r["task"] == lost[0])
+        assert first["best_s"] and first["best_s"] > 0
+    finally:
+        for proc in servers + [tracker]:
+            proc.kill()
