@@ -19,7 +19,8 @@ Measured there, all at batch 1, median of ``--repeats`` CUDA-event timings after
   weights read per second against the device-to-device copy bandwidth measured in the same run
   (bytes read + bytes written by ``torch.Tensor.copy_`` of 2 GiB).
 Speed-only artifacts get random weights of the right shapes there (their speed does not depend on
-the values).
+the values). ``prepare`` reuses an artifact under bench/.work/cuda/artifacts built by the same
+slimgraph version with the same options: delete that folder to rebuild after changing the compiler.
 """
 
 from __future__ import annotations
