@@ -41,7 +41,7 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     on_event("stage_start", {"stage": "build", "detail": f"TVM {spec.describe()}"})
     tuned, tuning = _tuning_pass(options, spec, on_event)
     executable = build_executable(lowered, spec, schedule=options.schedule, tuned=tuned)
-    if tuning is not None:
+    if tuned is not None:
         tuning["matched"], tuning["fallback"] = sorted(tuning.get("matched", [])), sorted(tuning.get("fallback", []))
     export_library(executable, spec, str(directory / LIBRARY))
     timings["build"] = time.perf_counter() - t0

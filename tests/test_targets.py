@@ -120,3 +120,28 @@ def test_resolve_target_records_arm_features():
     spec = resolve_target("arm64", "neoverse-n1")
     assert {"+neon", "+dotprod"} <= set(spec.mattr) and spec.mtriple == "aarch64-linux-gnu"
     assert "+dotprod" not in resolve_target("arm64", "cortex-a72").mattr
+
+
+@needs_nvcc
+@pytest.mark.parametrize("model,fp16", [("tiny-llama", True), ("tiny-gpt", False)])
+def test_cuda_kernels_reading_masks_have_no_vector_bool_access(model, fp16):
+    """TVM's CUDA codegen loads two bools as one ``ushort2`` (wrong bytes, misaligned): kernels
+    that touch bool memory must come out of the GPU schedules with serial loops only."""
+    import tvm
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler.driver import load_model, optimize
+
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=fp16, shapes={"input_ids": (1, 64)})
+    module = optimize(load_model(model)[0], options).module
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=fp16).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(module).ir_module)
+        masked = [g for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc) and gpu.touches_bool_memory(f)]
+        dlight_only = [gpu.schedule_prim_func(lowered[g], target, gpu.default_rules())[0] for g in masked]
+        scheduled = gpu.schedule_pass(target, gpu.default_rules())(lowered)
+    assert masked, "the model should pass a bool mask between kernels"
+    assert any("T.vectorized" in f.script() for f in dlight_only), "DLight alone vectorizes masked kernels"
+    assert not any("T.vectorized" in scheduled[g].script() for g in masked)

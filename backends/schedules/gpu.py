@@ -13,7 +13,12 @@ GPU schedule from TVM's DLight rules, tried in this order:
 
 Rules are tried in that order on each kernel; one that does not apply, or raises (some DLight
 rules trip over symbolic shapes), is skipped, so scheduling never breaks the build. Kernels that are
-already scheduled (from a tuning database) are left alone. Calls of
+already scheduled (from a tuning database) are left alone.
+
+Kernels that read or write ``bool`` tensors (attention masks) run with scalar loops only: TVM's
+CUDA code generator turns a 2-lane ``bool`` load into a ``ushort2`` load from the 1-byte ``bool``
+pointer, which reads the wrong bytes and faults on addresses that are not 4-byte aligned
+(``cudaErrorMisalignedAddress``). Calls of
 the Relax VM that only depend on static shapes are captured into a CUDA graph at run time
 (``RewriteCUDAGraph``), which removes the per-kernel launch cost of small-batch steps.
 """
@@ -21,7 +26,7 @@ the Relax VM that only depend on static shapes are captured into a CUDA graph at
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
@@ -73,14 +78,32 @@ def schedule_prim_func(func: tirx.PrimFunc, target: Target, rules: list) -> tupl
     return func, None
 
 
+def touches_bool_memory(func: tirx.PrimFunc) -> bool:
+    """Whether a kernel has a ``bool`` parameter or a ``bool`` buffer of its own."""
+    buffers = [p for p in func.params if isinstance(p, tirx.Buffer)]
+    body = func.body
+    if isinstance(body, s_tir.SBlockRealize):
+        buffers += list(body.block.alloc_buffers)
+    return any(buf.dtype == "bool" for buf in buffers)
+
+
+def scalar_bool_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its vectorized loops made serial when it touches ``bool`` memory."""
+    if not touches_bool_memory(func):
+        return func
+    return tirx.transform.VectorizeLoop(False)(tvm.IRModule({"main": func}))["main"]
+
+
 def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphScheduleGPU")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gvar, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and not func.attrs.get(SCHEDULED_ATTR, False):
-                scheduled, _ = schedule_prim_func(func, target, rules)
-                mod[gvar] = scheduled
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if not func.attrs.get(SCHEDULED_ATTR, False):
+                func, _ = schedule_prim_func(func, target, rules)
+            mod[gvar] = scalar_bool_access(func)
         return mod
 
     return _pass
