@@ -26,6 +26,7 @@ slimgraph version with the same options: delete that folder to rebuild after cha
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -47,6 +48,10 @@ ARTIFACTS = {
     "tiny-llama-fp32": dict(model="tiny-llama", weights="exact"),
     "tiny-llama-fp16": dict(model="tiny-llama", weights="exact", fp16=True),
     "tiny-llama-int4": dict(model="tiny-llama", weights="exact", fp16=True, quantize="int4", group=32),
+    # one-token static builds: the decoding kernels (matrix-vector products) of the speed runs
+    "tiny-llama-fp16-T1": dict(model="tiny-llama", weights="exact", fp16=True, shape=(1, 1)),
+    "tiny-llama-int4-T1": dict(model="tiny-llama", weights="exact", fp16=True, quantize="int4", group=32,
+                               shape=(1, 1)),
     "tiny-gpt-fp32": dict(model="tiny-gpt", weights="exact"),
     "tiny-bert-fp32": dict(model="tiny-bert", weights="exact"),
     **{f"smollm2-{p}-T{t}": dict(model="smollm2", weights="random", shape=(1, t), **opts)
@@ -63,6 +68,7 @@ CORRECTNESS = {  # artifact -> (reference, minimum cosine)
         ("tiny-llama-fp32", 0.9999), ("tiny-llama-fp16", 0.999),
         ("tiny-gpt-fp32", 0.9999), ("tiny-bert-fp32", 0.9999)) for t in (1, 7)},
     **{f"tiny-llama-int4@{t}": (f"tiny-llama-int4@{t}", 0.999) for t in (1, 7)},
+    "tiny-llama-fp16-T1@1": ("tiny-llama@1", 0.999), "tiny-llama-int4-T1@1": ("tiny-llama-int4-T1@1", 0.999),
 }
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
@@ -138,10 +144,13 @@ def _interpreter_references(references: dict) -> None:
             inputs = make_sample_inputs(module, seed=length, symbol_value=length)
             references[f"{name}@{length}"] = {"inputs": inputs, "output": interpreter.run(module, inputs)[0]}
     # the int4 build against its own final IR (same packed weights): kernel correctness, not int4 error
-    quantized = _artifact_module(WORK / "artifacts" / "tiny-llama-int4")
-    for length in (1, 7):
-        inputs = references[f"tiny-llama@{length}"]["inputs"]
-        references[f"tiny-llama-int4@{length}"] = {"inputs": inputs, "output": interpreter.run(quantized, inputs)[0]}
+    for name, lengths in (("tiny-llama-int4", (1, 7)), ("tiny-llama-int4-T1", (1,))):
+        if not (WORK / "artifacts" / name / "graph.ir").is_file():
+            continue
+        quantized = _artifact_module(WORK / "artifacts" / name)
+        for length in lengths:
+            inputs = references[f"tiny-llama@{length}"]["inputs"]
+            references[f"{name}@{length}"] = {"inputs": inputs, "output": interpreter.run(quantized, inputs)[0]}
 
 
 def _artifact_module(artifact: Path):
@@ -204,7 +213,7 @@ def prepare(args) -> None:
 
     built, meta = {}, {}
     for name, spec in ARTIFACTS.items():
-        if args.skip_tinyllama and spec["model"] == "tinyllama":
+        if (args.skip_tinyllama and spec["model"] == "tinyllama") or not _chosen(name, args.artifacts):
             continue
         model = _tinyllama_folder() if spec["model"] == "tinyllama" else spec["model"]
         built[name] = (_compile(model, name, fp16=spec.get("fp16", False), shape=spec.get("shape"),
@@ -221,6 +230,10 @@ def prepare(args) -> None:
         (Path(resolve_model("smollm2").path) / "config.json").read_text()), "tinyllama_config": TINYLLAMA}))
     _split_parts(bundle, summary["pool_parts"])
     print(json.dumps(summary, indent=1))
+
+
+def _chosen(name: str, patterns: str) -> bool:
+    return any(fnmatch.fnmatch(name, p.strip()) for p in patterns.split(","))
 
 
 def _split_parts(bundle: Path, parts: list[str]) -> None:
@@ -363,10 +376,42 @@ def diagnose(path: Path, tokens: int) -> None:
     print(json.dumps({"nan_kernel": found[0] if found else None}))
 
 
+def kernel_profile(path: Path, tokens: int, top: int = 12) -> dict:
+    """GPU time per kernel name over 10 forward passes (torch.profiler's CUPTI trace sees the
+    kernels of any library in the process): where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import slimgraph
+
+    model = slimgraph.load(path, verify_hashes=False)
+    call = model.main.prepared(np.zeros((1, tokens), np.int64))
+    for _ in range(5):
+        call()
+    model.device.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            call()
+        model.device.sync()
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 10 / 1e3
+            entry[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {"kernel_ms_per_step": sum(v[0] for v in totals.values()), "kernels_per_step": sum(v[1] for v in totals.values()) / 10,
+            "top": [{"kernel": k[:90], "ms": round(v[0], 4), "launches": v[1] // 10} for k, v in rows[:top]]}
+
+
 def one(args) -> None:
-    """A single step: ``one artifact NAME``, ``one torch TOKENS DTYPE eager|compile``, ``one diagnose NAME T``."""
+    """A single step: ``one artifact NAME``, ``one torch TOKENS DTYPE eager|compile``, ``one diagnose NAME T``,
+    ``one profile NAME``."""
     if args.what[0] == "diagnose":
         return diagnose(Path(args.unpacked) / args.what[1], int(args.what[2]))
+    if args.what[0] == "profile":
+        name = args.what[1]
+        return print(json.dumps(kernel_profile(Path(args.unpacked) / name, ARTIFACTS[name]["shape"][1])))
     if args.what[0] == "artifact":
         name = args.what[1]
         print(json.dumps(time_artifact(Path(args.unpacked) / name, ARTIFACTS[name]["shape"][1], args.repeats)))
@@ -388,35 +433,44 @@ def measure(args) -> None:
     meta = json.loads((bundle / "meta.json").read_text())
     artifacts = unpack(bundle, Path(args.parts), Path(args.unpacked), args.artifacts)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy": copy_bandwidth(),
-              "correctness": check_correctness(artifacts, load_references(bundle / "references.npz")),
-              "slimgraph": {}, "torch_runs": {}, "meta": meta["artifacts"]}
+              "correctness": [], "slimgraph": {}, "torch_runs": {}, "profiles": {}, "meta": meta["artifacts"]}
     print(json.dumps(result["copy"]), flush=True)
-    for name, spec in ARTIFACTS.items():
-        if spec["weights"] == "random" and name in artifacts:
-            result["slimgraph"][name] = _isolated(args, "artifact", name)
-            print(name, json.dumps(result["slimgraph"][name]), flush=True)
+    out = Path(args.out) / "stage3-cuda.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(section: str, key: str, row: dict) -> None:
+        """Keep a row and rewrite the result file (a run cut short keeps what it measured)."""
+        result[section][key] = row
+        print(section, key, json.dumps(row), flush=True)
+        out.write_text(json.dumps(result, indent=1))
+
+    speed = [name for name, spec in ARTIFACTS.items() if spec["weights"] == "random" and name in artifacts]
+    for name in speed:
+        record("slimgraph", name, _isolated(args, "artifact", name))
     for tokens in () if args.no_torch else (128, 1):
-        for dtype in ("float16", "float32"):
+        for dtype in args.torch_dtypes.split(","):
             for mode in ("eager", "compile"):
-                key = f"{mode}-{dtype}-T{tokens}"
-                result["torch_runs"][key] = _isolated(args, "torch", str(tokens), dtype, mode)
-                print(key, json.dumps(result["torch_runs"][key]), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "stage3-cuda.json").write_text(json.dumps(result, indent=1))
+                record("torch_runs", f"{mode}-{dtype}-T{tokens}", _isolated(args, "torch", str(tokens), dtype, mode))
+    # in this process, after the isolated steps: a kernel fault here ends only what is left
+    result["correctness"] = check_correctness(artifacts, load_references(bundle / "references.npz"))
+    out.write_text(json.dumps(result, indent=1))
+    for name in speed:
+        if args.profile and _chosen(name, args.profile):
+            record("profiles", name, _isolated(args, "profile", name))
 
 
 # ----------------------------------------------------------------------------- report (here)
 def merge_results(paths: list[str]) -> dict:
     """One result from several measure runs: their JSON files, and the correctness lines of logs of
     runs that stopped early (``measure.log``). Later files win for the same row."""
-    merged: dict = {"correctness": {}, "slimgraph": {}, "torch_runs": {}, "meta": {}}
+    merged: dict = {"correctness": {}, "slimgraph": {}, "torch_runs": {}, "profiles": {}, "meta": {}}
     for path in paths:
         text = Path(path).read_text()
         if path.endswith(".json"):
             data = json.loads(text)
             merged.update({k: data[k] for k in ("device", "torch", "copy") if k in data})
             rows = data.get("correctness", [])
-            for key in ("slimgraph", "torch_runs", "meta"):
+            for key in ("slimgraph", "torch_runs", "profiles", "meta"):
                 merged[key].update(data.get(key, {}))
         else:
             rows = [json.loads(ln) for ln in text.splitlines() if ln.startswith('{"artifact"')]
@@ -454,6 +508,11 @@ def report(args) -> None:
             rate = data["weight_bytes_read"] / sg[name]["median_ms"] / 1e9
             print(f"\n{name}: {sg[name]['median_ms']:.3f} ms, {data['weight_bytes_read'] / 1e6:.1f} MB of weights -> "
                   f"{rate:.2f} TB/s = {100 * rate / result['copy']['tb_per_s']:.1f}% of copy bandwidth")
+    for name, prof in result.get("profiles", {}).items():
+        if "top" in prof:
+            print(f"\n{name}: {prof['kernels_per_step']:.0f} kernels, {prof['kernel_ms_per_step']:.3f} ms of GPU time per step")
+            for row in prof["top"][:6]:
+                print(f"  {row['ms']:8.4f} ms  x{row['launches']:<3d} {row['kernel']}")
     print(f"\nwrote {write_results('stage3-cuda', result)}")
 
 
@@ -462,6 +521,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--skip-tinyllama", action="store_true", help="leave out the 1.1B-parameter bandwidth model")
+    p.add_argument("--artifacts", default="*", help="only the artifacts matching these comma-separated patterns "
+                   "(the speed-only and tiny ones need no pool parts: one device run)")
     m = sub.add_parser("measure")
     m.add_argument("--bundle", default=str(CARRY / "bundle"))
     m.add_argument("--parts", default="/tmp/sgpool")
@@ -470,6 +531,8 @@ def main() -> None:
     m.add_argument("--repeats", type=int, default=50)
     m.add_argument("--artifacts", default="*", help="only the artifacts matching this pattern")
     m.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows")
+    m.add_argument("--profile", default="", help="GPU time per kernel of the speed-only artifacts matching these patterns")
+    m.add_argument("--torch-dtypes", default="float16,float32", help="PyTorch rows: comma-separated dtypes")
     o = sub.add_parser("one")
     o.add_argument("what", nargs="+")
     o.add_argument("--bundle", default=str(CARRY / "bundle"))

@@ -127,21 +127,74 @@ def test_resolve_target_records_arm_features():
 def test_cuda_kernels_reading_masks_have_no_vector_bool_access(model, fp16):
     """TVM's CUDA codegen loads two bools as one ``ushort2`` (wrong bytes, misaligned): kernels
     that touch bool memory must come out of the GPU schedules with serial loops only."""
-    import tvm
     from tvm import tirx
 
-    from slimgraph.backends.relax_lowering import lower_to_relax
     from slimgraph.backends.schedules import gpu
-    from slimgraph.compiler.driver import load_model, optimize
 
     options = CompileOptions(target="cuda", arch="sm_90", fp16=fp16, shapes={"input_ids": (1, 64)})
-    module = optimize(load_model(model)[0], options).module
-    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=fp16).tvm_target()
-    with target, tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(module).ir_module)
+    lowered, target = _lowered_for_cuda(model, options)
+    with target:
         masked = [g for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc) and gpu.touches_bool_memory(f)]
         dlight_only = [gpu.schedule_prim_func(lowered[g], target, gpu.default_rules())[0] for g in masked]
         scheduled = gpu.schedule_pass(target, gpu.default_rules())(lowered)
     assert masked, "the model should pass a bool mask between kernels"
     assert any("T.vectorized" in f.script() for f in dlight_only), "DLight alone vectorizes masked kernels"
     assert not any("T.vectorized" in scheduled[g].script() for g in masked)
+
+
+def _lowered_for_cuda(model: str, options: CompileOptions):
+    """(kernels of ``model`` as the CUDA pipeline sees them before scheduling, the target)."""
+    import tvm
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler.driver import load_model, optimize
+
+    module, path = load_model(model)
+    module = optimize(module, options, model_path=path).module
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=options.fp16).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(module).ir_module), target
+
+
+@needs_nvcc
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_one_token_products_get_the_column_gemv_schedule(tmp_path, quantize):
+    """Decoding-step products over [K, N] weights (plain or packed int4) are read row by row, with
+    the rows split across thread groups (threadIdx.y) and a cross-thread sum; the build holds a fatbin."""
+    from tvm import tirx
+
+    from slimgraph.backends.schedules import gpu
+
+    recipe = recipe_from_flags(quantize=quantize, group_size=32) if quantize else None
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)}, recipe=recipe)
+    lowered, target = _lowered_for_cuda("tiny-llama", options)
+    with target:
+        rules = {g.name_hint: gpu.schedule_prim_func(f, target, gpu.default_rules())
+                 for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc) and "matmul" in g.name_hint}
+    column = {name: func for name, (func, rule) in rules.items() if rule == "ColumnGEMV"}
+    assert len(column) >= 6, {name: rule for name, (_, rule) in rules.items()}
+    assert all('thread="threadIdx.y"' in func.script() for func in column.values())
+    out = compile_model("tiny-llama", tmp_path / "cuda", options)
+    check_machine_code(str(out / "model.so"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(detect_gpu_arch() is None, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_one_token_cuda_build_matches_its_ir_on_the_gpu(tmp_path, quantize):
+    from slimgraph.compiler import interpreter
+    from slimgraph.compiler.passmanager import compare_outputs, make_sample_inputs
+    from slimgraph.compiler.printer import parse_module
+    from slimgraph.compiler.weights_io import read_safetensors
+    from slimgraph.compiler.ir import Weight
+
+    recipe = recipe_from_flags(quantize=quantize, group_size=32) if quantize else None
+    out = compile_model("tiny-llama", tmp_path / "cuda", CompileOptions(target="cuda", fp16=True, recipe=recipe,
+                                                                          shapes={"input_ids": (1, 1)}))
+    module = parse_module((out / "graph.ir").read_text())
+    arrays = read_safetensors(out / "weights.safetensors")
+    module = module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})
+    inputs = make_sample_inputs(module, seed=1, symbol_value=1)
+    got = slimgraph.load(out)(**inputs)[0]
+    assert compare_outputs(interpreter.run(module, inputs)[0], got).cosine >= 0.999

@@ -7,6 +7,9 @@ GPU schedule from TVM's DLight rules, tried in this order:
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
+* ``ColumnGEMV`` (slimgraph's, :mod:`.gpu_gemv`): the same products over slimgraph's ``[K, N]``
+  weight layout, which DLight's GEMV does not schedule on CUDA; rows read coalesced, split
+  across thread groups, partial sums added across threads;
 * ``Matmul``: tiled GEMM through shared memory (prefill, batched tokens), prologues inlined;
 * ``RMSNorm`` / ``Reduction`` / ``GeneralReduction``: row reductions, softmax, layer norms;
 * ``Transpose`` and ``Fallback``: layout and element-wise kernels, one thread per element.
@@ -31,6 +34,8 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
+
 
 class StaticShapesOnly:
     """A rule applied only to kernels whose buffers all have static shapes: ``LowBatchGEMV`` and
@@ -51,6 +56,7 @@ def default_rules() -> list:
     return [
         dl.gpu.GEMV(),
         StaticShapesOnly(dl.gpu.LowBatchGEMV()),
+        ColumnGEMV(),
         dl.gpu.Matmul(),
         dl.gpu.RMSNorm(),
         dl.gpu.Reduction(),
