@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import subprocess
 
 import tvm
 
@@ -106,6 +107,10 @@ def arm64_linker() -> str:
         raise TargetError(f"--target arm64 needs the cross linker {name}, which is not on PATH",
                           hint="install Debian/Ubuntu's gcc-aarch64-linux-gnu package "
                                f"(or set {ARM64_LINKER_ENV} to an aarch64 Linux gcc)")
+    found = subprocess.run([path, "-print-file-name=crti.o"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(found):
+        raise TargetError(f"the cross linker {name} finds no aarch64 C runtime (crti.o), so it cannot link",
+                          hint="install Debian/Ubuntu's libc6-dev-arm64-cross package")
     return path
 
 

@@ -56,6 +56,15 @@ def test_arm64_without_cross_linker_names_the_package(tmp_path):
     assert "no-such-gcc" in message and "gcc-aarch64-linux-gnu" in message
 
 
+def test_arm64_without_the_aarch64_c_runtime_names_the_package(tmp_path):
+    fake = tmp_path / "aarch64-gcc"   # a cross gcc whose libc is missing: -print-file-name echoes the name
+    fake.write_text('#!/bin/sh\necho "${1#-print-file-name=}"\n')
+    fake.chmod(0o755)
+    code, message = compile_cli(tmp_path, "--target", "arm64", env={"SLIMGRAPH_ARM64_CC": str(fake)})
+    assert code == TargetError.exit_code
+    assert "crti.o" in message and "libc6-dev-arm64-cross" in message
+
+
 def test_cuda_without_nvcc(tmp_path):
     code, message = compile_cli(tmp_path, "--target", "cuda", "--arch", "sm_90",
                                 env={"SLIMGRAPH_NVCC": "/nonexistent/nvcc"})
