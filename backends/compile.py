@@ -42,7 +42,8 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     tuned, tuning = _tuning_pass(options, spec, on_event)
     executable = build_executable(lowered, spec, schedule=options.schedule, tuned=tuned)
     if tuned is not None:
-        tuning["matched"], tuning["fallback"] = sorted(tuning.get("matched", [])), sorted(tuning.get("fallback", []))
+        for kind in ("matched", "fallback", "kept_default"):
+            tuning[kind] = sorted(tuning.get(kind, []))
     export_library(executable, spec, str(directory / LIBRARY))
     timings["build"] = time.perf_counter() - t0
     on_event("stage_end", {"stage": "build"})

@@ -56,6 +56,12 @@ def cpu_pipeline(spec: TargetSpec, schedule: bool, tuned=None):
     return build_pipeline(target, tuned)
 
 
+def cpu_default_schedule(func, spec: TargetSpec):
+    from slimgraph.backends.schedules.cpu import schedule_prim_func
+
+    return schedule_prim_func(func, spec.tvm_target())[0]
+
+
 def cpu_lowering_passes(spec: TargetSpec) -> list:
     from slimgraph.backends.schedules.cpu import lowering_passes
 
@@ -79,6 +85,7 @@ class X86Family:
 
     relax_pipeline = staticmethod(cpu_pipeline)
     lowering_passes = staticmethod(cpu_lowering_passes)
+    default_schedule = staticmethod(cpu_default_schedule)
 
     def export(self, executable, path: str) -> None:
         executable.export_library(path)
@@ -135,6 +142,7 @@ class Arm64Family:
 
     relax_pipeline = staticmethod(cpu_pipeline)
     lowering_passes = staticmethod(cpu_lowering_passes)
+    default_schedule = staticmethod(cpu_default_schedule)
 
     def export(self, executable, path: str) -> None:
         from tvm.support import cc

@@ -107,6 +107,13 @@ class CudaFamily:
 
         return lowering_passes(spec.tvm_target())
 
+    def default_schedule(self, func, spec):
+        from slimgraph.backends.schedules.gpu import default_rules, scalar_bool_access, schedule_prim_func
+
+        target = spec.tvm_target()
+        with target:
+            return scalar_bool_access(schedule_prim_func(func, target, default_rules())[0])
+
     def export(self, executable, path: str) -> None:
         executable.export_library(path)
         check_machine_code(path)

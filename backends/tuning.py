@@ -14,15 +14,22 @@ Kernels with a symbolic dim (T left free) are not tuned: MetaSchedule's search s
 loop extents. Tune and compile with ``--shape input_ids=1x128`` for tuned kernels.
 
 Resuming. A task whose workload already has ``trials`` records is not tuned again; otherwise it gets
-the missing trials. A rerun on a finished database measures nothing.
+the missing trials. A search that ends short of ``trials`` (a small kernel whose space holds fewer
+distinct schedules) is marked exhausted and not searched again. A rerun on a finished database
+measures nothing.
 
 Measuring. Locally (``LocalBuilder`` + ``LocalRunner``) or on devices registered with a TVM RPC
 tracker (``--rpc-tracker HOST:PORT --rpc-key KEY``), the engine of tuning farms; an unreachable
 tracker fails at once, naming the address. Failed measurements (a server lost mid-run) are recorded
 as failures by MetaSchedule and tuning continues with the servers left.
 
-Applying. ``tuned_schedules_pass`` gives each kernel found in the database its best schedule and
-counts matches; the target's default schedules handle the rest (reported as fallbacks).
+Baseline. Each task's kernel is also measured once with the target's default (untuned) schedule,
+by the same builder and runner, and that time is kept in ``slimgraph-tuning.json``: a search that
+found nothing faster within its trials must not make the build slower.
+
+Applying. ``tuned_schedules_pass`` gives each kernel found in the database its best schedule when
+that beats the recorded default, and counts matches; the target's default schedules handle the
+rest (reported as fallbacks, or as ``kept_default`` where the default measured faster).
 """
 
 from __future__ import annotations
@@ -118,9 +125,56 @@ class TuningDatabase:
             return None
         return float(sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs))
 
+    @property
+    def _meta(self) -> Path:
+        return self.folder / META_FILE
+
+    def default_seconds(self, func: tirx.PrimFunc) -> float | None:
+        """The recorded time of ``func`` under the default schedule (None: never measured)."""
+        return json.loads(self._meta.read_text()).get("default_seconds", {}).get(workload_key(func))
+
+    def record_default(self, func: tirx.PrimFunc, seconds: float) -> None:
+        self._set("default_seconds", func, seconds)
+
+    def exhausted(self, func: tirx.PrimFunc) -> bool:
+        """Whether a search of ``func`` ended with fewer records than asked: its space holds no more."""
+        return workload_key(func) in json.loads(self._meta.read_text()).get("exhausted", {})
+
+    def record_exhausted(self, func: tirx.PrimFunc) -> None:
+        self._set("exhausted", func, self.records_for(func))
+
+    def _set(self, section: str, func: tirx.PrimFunc, value) -> None:
+        meta = json.loads(self._meta.read_text())
+        meta.setdefault(section, {})[workload_key(func)] = value
+        self._meta.write_text(json.dumps(meta, indent=1))
+
     def schedule_for(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         sch = self.ms_database.query_schedule(task_module(func), self.spec.tvm_target(), workload_name="main")
         return None if sch is None else sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+
+
+def workload_key(func: tirx.PrimFunc) -> str:
+    return str(tvm_ffi.structural_hash(task_module(func)))
+
+
+def measure_default(func: tirx.PrimFunc, spec: TargetSpec, runner) -> float | None:
+    """Seconds of ``func`` under the target's default schedule, built and run like a tuning
+    candidate (None if that build or run fails)."""
+    mod = task_module(family_of(spec).default_schedule(func, spec))
+    target = spec.tvm_target()
+    (built,) = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S).build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        return None
+    try:
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+        result = future.result()
+    finally:
+        Path(built.artifact_path).unlink(missing_ok=True)
+    if result.error_msg or not result.run_secs:
+        return None
+    return float(sum(float(t) for t in result.run_secs) / len(result.run_secs))
 
 
 def has_symbolic_shapes(func: tirx.PrimFunc) -> bool:
@@ -153,7 +207,12 @@ def tuned_schedules_pass(db: TuningDatabase, report: dict) -> tvm.transform.Pass
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get(SCHEDULED_ATTR, False):
                 continue
             tuned = db.schedule_for(func)
-            report.setdefault("matched" if tuned is not None else "fallback", []).append(gvar.name_hint)
+            best, default = db.best_seconds(func), db.default_seconds(func)
+            if tuned is not None and best is not None and default is not None and best >= default:
+                tuned, kind = None, "kept_default"
+            else:
+                kind = "matched" if tuned is not None else "fallback"
+            report.setdefault(kind, []).append(gvar.name_hint)
             if tuned is not None:
                 mod[gvar] = tuned
         return mod
@@ -213,7 +272,12 @@ def tune_kernel(name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int,
     """Tune one kernel up to ``trials`` records in ``db``; returns the task's summary row."""
     have = db.records_for(func)
     row = {"task": name, "records_before": have, "trials": trials}
-    if have >= trials:
+    if db.default_seconds(func) is None:
+        seconds = measure_default(func, db.spec, runner)
+        if seconds is not None:
+            db.record_default(func, seconds)
+    row["default_s"] = db.default_seconds(func)
+    if have >= trials or db.exhausted(func):
         return {**row, "measured": 0, "best_s": db.best_seconds(func), "skipped": "already tuned"}
     target = db.spec.tvm_target()
     context = ms.TuneContext(mod=task_module(func), target=target, space_generator="post-order-apply",
@@ -224,6 +288,8 @@ def tune_kernel(name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int,
     ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db.folder), max_trials_global=trials - have,
                   num_trials_per_iter=min(64, trials - have), builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner,
                   database=db.ms_database, cost_model=cost_model, measure_callbacks=callbacks)
+    if db.records_for(func) < trials:
+        db.record_exhausted(func)
     return {**row, "measured": progress.trials - have, "best_s": db.best_seconds(func)}
 
 

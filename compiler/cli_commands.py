@@ -82,8 +82,8 @@ def run_tune(*, model, db, trials, target, mcpu, arch, fp16, shape, compression,
         return
     print(f"{len(result['tasks'])} kernels, {result['measured']} schedules measured, records in {result['database']}")
     for row in result["tasks"]:
-        print(f"  {row['task']:48s} best {_ms(row['best_s']):>12s}  ({row['records_before']} -> "
-              f"{row['records_before'] + row['measured']} records)")
+        print(f"  {row['task']:48s} best {_ms(row['best_s']):>12s}  default {_ms(row.get('default_s')):>12s}  "
+              f"({row['records_before']} -> {row['records_before'] + row['measured']} records)")
 
 
 def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, shape, dump_ir, print_after, verify, schedule, force,
@@ -114,7 +114,8 @@ def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, s
         tuning = report.get("tuning")
         if tuning and "warning" not in tuning:
             print(f"tuning database {tuning['database']}: {len(tuning['matched'])} kernels tuned, "
-                  f"{len(tuning['fallback'])} on default schedules ({', '.join(tuning['fallback'][:8])}"
+                  f"{len(tuning['kept_default'])} kept their default schedule (faster than the tuned one), "
+                  f"{len(tuning['fallback'])} untuned on default schedules ({', '.join(tuning['fallback'][:8])}"
                   f"{' ...' if len(tuning['fallback']) > 8 else ''})")
 
 

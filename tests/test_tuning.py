@@ -61,6 +61,7 @@ def test_records_land_and_rerun_measures_nothing(tuned_db):
     folder = db / result["target"]
     assert record_lines(folder) >= result["measured"]
     assert all(row["best_s"] and row["best_s"] > 0 for row in result["tasks"])
+    assert all(row["default_s"] and row["default_s"] > 0 for row in result["tasks"]), "default schedules timed"
     progress = [p for k, p in events if k == "tune_progress"]
     assert progress and all({"trials", "current_s", "best_s", "elapsed_s"} <= set(p) for p in progress)
     before = record_lines(folder)
@@ -69,12 +70,27 @@ def test_records_land_and_rerun_measures_nothing(tuned_db):
     assert record_lines(folder) == before
 
 
-def test_compile_applies_the_database(tuned_db, tmp_path):
+def with_default_seconds(db, result, tmp_path, seconds: float):
+    """A copy of the database in which every recorded default-schedule time is ``seconds``."""
+    import shutil
+
+    copy = tmp_path / f"db-{seconds}"
+    shutil.copytree(db, copy)
+    meta = copy / result["target"] / "slimgraph-tuning.json"
+    data = json.loads(meta.read_text())
+    data["default_seconds"] = {key: seconds for key in data["default_seconds"]}
+    meta.write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("default_seconds,applied", [(1e3, "matched"), (1e-12, "kept_default")])
+def test_compile_applies_tuned_schedules_that_beat_the_default(tuned_db, tmp_path, default_seconds, applied):
     db, result, _ = tuned_db
     module = two_kernel_model()
-    out = compile_model(module, tmp_path / "art", CompileOptions(tuning_db=db))
+    copy = with_default_seconds(db, result, tmp_path, default_seconds)
+    out = compile_model(module, tmp_path / "art", CompileOptions(tuning_db=copy))
     report = json.loads((out / "report.json").read_text())["tuning"]
-    assert len(report["matched"]) == len(result["tasks"]) and "warning" not in report
+    assert len(report[applied]) == len(result["tasks"]) and "warning" not in report
     inputs = make_sample_inputs(module, seed=1)
     np.testing.assert_allclose(slimgraph.load(out)(**inputs)[0], interpreter.run(module, inputs)[0],
                                rtol=1e-4, atol=1e-4)

@@ -1,0 +1,159 @@
+"""Stage-3 x86: SmolLM2-135M after ``slimgraph tune`` against ONNX Runtime, and int4 decoding against fp32.
+
+    python bench/stage3_x86.py tune [--trials 32] [--db bench/.work/tuning-x86]   # timed: budget 45 min
+    python bench/stage3_x86.py measure [--db bench/.work/tuning-x86] [--threads 2] [--repeats 10]
+
+``tune`` runs ``slimgraph tune smollm2 --shape input_ids=1x128`` (MetaSchedule, every kernel of the
+T=128 build) and records its wall time next to the database. ``measure``, in one run and at the same
+thread count, with nothing else running:
+
+* T=128 fp32 forward pass (logits): ONNX Runtime (the stage-1 ONNX export of the same weights),
+  slimgraph untuned and slimgraph with ``--tuning-db`` (both with T fixed to 128), each checked
+  against ONNX Runtime's output (cosine) so that no runtime is timed doing other work;
+* T=1 forward pass: slimgraph fp32 and int4 (group 128, round-to-nearest), T fixed to 1, and the
+  int4 step's effective weight bandwidth (bytes of weights one step reads, embedding rows only for
+  the gathered token, divided by its time) against this machine's memory bandwidth measured in the
+  same run (numpy copies of 512 MiB on ``--threads`` threads: bytes read + written per second).
+
+Results go to bench/results/stage3-x86-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK_DIR, cosine, machine_description, measure, pin_threads, write_results  # noqa: E402
+from stage1_latency import onnx_file, run_ort  # noqa: E402
+from stage3_cuda import _weights_read_per_step  # noqa: E402
+
+DEFAULT_DB = WORK_DIR / "tuning-x86"
+COPY_BYTES = 512 << 20
+
+
+def tune(args) -> None:
+    cmd = [sys.executable, "-m", "slimgraph.compiler.cli", "tune", "smollm2", "--shape", "input_ids=1x128",
+           "--trials", str(args.trials), "--db", str(args.db)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    elapsed = time.perf_counter() - start
+    record = Path(args.db) / "tune-wall-time.json"
+    runs = json.loads(record.read_text())["runs"] if record.is_file() else []
+    runs.append({"trials": args.trials, "seconds": elapsed})
+    record.write_text(json.dumps({"runs": runs, "seconds": sum(r["seconds"] for r in runs)}))
+    print(f"this tune run took {elapsed / 60:.1f} min; all runs into this database {sum(r['seconds'] for r in runs) / 60:.1f} min")
+
+
+def memory_bandwidth(threads: int, repeats: int = 5) -> dict:
+    """Best of ``repeats`` copies of COPY_BYTES split over ``threads`` threads (numpy releases the GIL)."""
+    src = np.ones(COPY_BYTES // 8, np.float64)
+    dst = np.empty_like(src)
+    chunks = np.array_split(np.arange(src.size), threads)
+    spans = [(c[0], c[-1] + 1) for c in chunks]
+
+    def copy(lo, hi):
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=copy, args=span) for span in spans]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return {"bytes_moved": 2 * COPY_BYTES, "seconds": best, "gb_per_s": 2 * COPY_BYTES / best / 1e9}
+
+
+def compile_static(name: str, tokens: int, *, tuning_db=None, quantize=None) -> Path:
+    from slimgraph.compiler.driver import CompileOptions, compile_model
+    from slimgraph.compiler.recipe import recipe_from_flags
+
+    recipe = recipe_from_flags(quantize=quantize, group_size=128) if quantize else None
+    out = WORK_DIR / "stage3-x86" / name
+    compile_model("smollm2", out, CompileOptions(shapes={"input_ids": (1, tokens)}, tuning_db=tuning_db,
+                                                 recipe=recipe, force=True))
+    return out
+
+
+def time_artifact(path: Path, ids: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
+    import slimgraph
+
+    model = slimgraph.load(path)
+    call = lambda: model(input_ids=ids)[0]  # noqa: E731
+    return measure(call, repeats=repeats), call()
+
+
+def measure_all(args) -> None:
+    from slimgraph.models.registry import resolve_model
+
+    pin_threads(args.threads)
+    rng = np.random.default_rng(0)
+    ids128 = rng.integers(0, 49152, (1, 128)).astype(np.int64)
+    ids1 = ids128[:, :1].copy()
+    result = {"machine": machine_description(), "threads": args.threads, "memory": memory_bandwidth(args.threads),
+              "T128": {}, "T1": {}}
+    ort_call = run_ort(onnx_file("smollm2", str(resolve_model("smollm2").path)), {"input_ids": ids128}, args.threads)
+    reference = ort_call()
+    result["T128"]["onnxruntime fp32"] = measure(ort_call, repeats=args.repeats)
+    report = json.loads((Path(args.db) / "tune-wall-time.json").read_text()) if (Path(args.db) / "tune-wall-time.json").is_file() else None
+    result["tuning"] = report
+    for label, db in (("slimgraph fp32 untuned", None), ("slimgraph fp32 tuned", args.db)):
+        path = compile_static(label.split()[-1] + "-T128", 128, tuning_db=db)
+        timing, out = time_artifact(path, ids128, args.repeats)
+        tuning = json.loads((path / "report.json").read_text()).get("tuning")
+        result["T128"][label] = {**timing, "cosine_vs_ort": cosine(out, reference),
+                                 **({"kernels_matched": len(tuning.get("matched", [])),
+                                     "kernels_kept_default": len(tuning.get("kept_default", [])),
+                                     "kernels_fallback": len(tuning.get("fallback", []))} if tuning else {})}
+    for label, quantize in (("slimgraph fp32", None), ("slimgraph int4 g128", "int4")):
+        path = compile_static(f"{quantize or 'fp32'}-T1", 1, quantize=quantize)
+        timing, _ = time_artifact(path, ids1, args.repeats)
+        result["T1"][label] = {**timing, "weight_bytes_read": _weights_read_per_step(path, 1)}
+    print_summary(result)
+    print(f"\nwrote {write_results('stage3-x86', result)}")
+
+
+def print_summary(result: dict) -> None:
+    t128, t1, mem = result["T128"], result["T1"], result["memory"]
+    ort = t128["onnxruntime fp32"]["median_ms"]
+    print(f"\nSmolLM2-135M T=128 fp32, {result['threads']} threads, median ms")
+    for label, row in t128.items():
+        extra = f"  cosine vs ORT {row['cosine_vs_ort']:.6f}" if "cosine_vs_ort" in row else ""
+        matched = (f"  kernels tuned {row['kernels_matched']}, default faster {row['kernels_kept_default']}, "
+                   f"not in the database {row['kernels_fallback']}") if "kernels_matched" in row else ""
+        print(f"  {label:26s} {row['median_ms']:9.2f}  {row['median_ms'] / ort:5.2f}x ORT{extra}{matched}")
+    fp32, int4 = t1["slimgraph fp32"], t1["slimgraph int4 g128"]
+    print(f"\nT=1: fp32 {fp32['median_ms']:.2f} ms, int4 {int4['median_ms']:.2f} ms -> int4 "
+          f"{fp32['median_ms'] / int4['median_ms']:.2f}x faster")
+    for label, row in t1.items():
+        rate = row["weight_bytes_read"] / (row["median_ms"] / 1e3) / 1e9
+        print(f"  {label}: {row['weight_bytes_read'] / 1e6:.1f} MB of weights per step -> {rate:.1f} GB/s "
+              f"= {100 * rate / mem['gb_per_s']:.0f}% of the measured {mem['gb_per_s']:.1f} GB/s copy bandwidth")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    t = sub.add_parser("tune")
+    t.add_argument("--trials", type=int, default=32)
+    t.add_argument("--db", default=str(DEFAULT_DB))
+    m = sub.add_parser("measure")
+    m.add_argument("--db", default=str(DEFAULT_DB))
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    tune(args) if args.step == "tune" else measure_all(args)
+
+
+if __name__ == "__main__":
+    main()
