@@ -108,11 +108,11 @@ class CudaFamily:
         return lowering_passes(spec.tvm_target())
 
     def default_schedule(self, func, spec):
-        from slimgraph.backends.schedules.gpu import default_rules, scalar_bool_access, schedule_prim_func
+        from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel
 
         target = spec.tvm_target()
         with target:
-            return scalar_bool_access(schedule_prim_func(func, target, default_rules())[0])
+            return schedule_kernel(func, target, default_rules())
 
     def export(self, executable, path: str) -> None:
         executable.export_library(path)

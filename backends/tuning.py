@@ -123,7 +123,7 @@ class TuningDatabase:
         top = self.ms_database.get_top_k(self.ms_database.commit_workload(mod), 1)
         if not top or not top[0].run_secs:
             return None
-        return float(sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs))
+        return mean_seconds(top[0].run_secs)
 
     @property
     def _meta(self) -> Path:
@@ -153,6 +153,11 @@ class TuningDatabase:
         return None if sch is None else sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
 
+def mean_seconds(run_secs) -> float:
+    """The mean of one measurement's repeats (MetaSchedule keeps them as FloatImm)."""
+    return float(sum(float(t) for t in run_secs) / len(run_secs))
+
+
 def workload_key(func: tirx.PrimFunc) -> str:
     return str(tvm_ffi.structural_hash(task_module(func)))
 
@@ -174,7 +179,7 @@ def measure_default(func: tirx.PrimFunc, spec: TargetSpec, runner) -> float | No
         Path(built.artifact_path).unlink(missing_ok=True)
     if result.error_msg or not result.run_secs:
         return None
-    return float(sum(float(t) for t in result.run_secs) / len(result.run_secs))
+    return mean_seconds(result.run_secs)
 
 
 def has_symbolic_shapes(func: tirx.PrimFunc) -> bool:
@@ -254,8 +259,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.start = time.perf_counter()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-        times = [sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in runner_results
-                 if r.error_msg is None and r.run_secs]
+        times = [mean_seconds(r.run_secs) for r in runner_results if r.error_msg is None and r.run_secs]
         self.trials += len(runner_results)
         current = min(times) if times else None
         if current is not None and (self.best is None or current < self.best):

@@ -100,16 +100,21 @@ def scalar_bool_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return tirx.transform.VectorizeLoop(False)(tvm.IRModule({"main": func}))["main"]
 
 
+def schedule_kernel(func: tirx.PrimFunc, target: Target, rules: list) -> tirx.PrimFunc:
+    """One kernel as the build runs it: the first rule's schedule unless it is already scheduled
+    (from a tuning database), then serial loops where it touches ``bool`` memory."""
+    if not func.attrs.get(SCHEDULED_ATTR, False):
+        func, _ = schedule_prim_func(func, target, rules)
+    return scalar_bool_access(func)
+
+
 def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphScheduleGPU")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gvar, func in list(mod.functions_items()):
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if not func.attrs.get(SCHEDULED_ATTR, False):
-                func, _ = schedule_prim_func(func, target, rules)
-            mod[gvar] = scalar_bool_access(func)
+            if isinstance(func, tirx.PrimFunc):
+                mod[gvar] = schedule_kernel(func, target, rules)
         return mod
 
     return _pass

@@ -29,7 +29,7 @@ from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 from tvm.target import Target
 
 THREADS_X = 32          # outputs per block: one warp reads 32 consecutive elements of a row
-MAX_THREADS = 1024
+# up to 32 row groups (threadIdx.y) x 32 outputs: at most 1024 threads, CUDA's limit per block
 MIN_ROWS_PER_THREAD = 4  # rows each thread group sums before the cross-thread reduction
 
 
@@ -71,7 +71,7 @@ class ColumnGEMV:
         shape = self._gemv_shape(sch, main)
         if shape is None:
             return None
-        n_extent, k_extent, rows_per_word = shape
+        k_extent, rows_per_word = shape
         rows_per_group = next((ty for ty in (32, 16, 8, 4, 2, 1)
                                if k_extent % (ty * rows_per_word) == 0
                                and k_extent // (ty * rows_per_word) >= MIN_ROWS_PER_THREAD), None)
@@ -81,8 +81,8 @@ class ColumnGEMV:
         return sch
 
     @staticmethod
-    def _gemv_shape(sch: s_tir.Schedule, main) -> tuple[int, int, int] | None:
-        """(N, K, rows per loaded element) of a one-token outer-reduction GEMV, else None."""
+    def _gemv_shape(sch: s_tir.Schedule, main) -> tuple[int, int] | None:
+        """(K, rows per loaded element) of a one-token outer-reduction GEMV, else None."""
         if not main.is_reduction() or is_gemv(sch, main) is None:
             return None
         spatial = [it for it in main.iters if it.kind == "S"]
@@ -96,7 +96,7 @@ class ColumnGEMV:
         n_var, k_var = spatial[-1].var, reduction[0].var
         if not _reads_rows(block, k_var, n_var):
             return None
-        return extents[len(spatial) - 1], extents[-1], _rows_per_word(block, k_var)
+        return extents[-1], _rows_per_word(block, k_var)
 
     @staticmethod
     def _schedule(sch: s_tir.Schedule, main, epilogue, rows_per_group: int, rows_per_word: int) -> None:
