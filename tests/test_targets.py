@@ -151,6 +151,31 @@ def test_cuda_kernels_reading_masks_have_no_vector_bool_access(model, fp16):
     assert not any("T.vectorized" in scheduled[g].script() for g in masked)
 
 
+@needs_nvcc
+def test_every_scheduled_cuda_kernel_runs_on_gpu_threads():
+    """DLight's Transpose rule schedules only the transpose of a fused function and leaves the
+    blocks after it (a GQA key/value broadcast) outside any thread loop, so they would run on the
+    host and dereference device pointers; such a schedule is refused and the next rule applies."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    from slimgraph.backends.schedules import gpu
+
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)})
+    lowered, target = _lowered_for_cuda("tiny-llama", options)
+    kernels = {g.name_hint: f for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)}
+    with target:
+        transposed = {name: dl.gpu.Transpose().apply(f, target, False) for name, f in kernels.items()}
+        rules = {name: gpu.schedule_prim_func(f, target, gpu.default_rules()) for name, f in kernels.items()}
+    broken = [name for name, sch in transposed.items() if sch is not None and gpu.unbound_blocks(sch)]
+    assert broken, "DLight's Transpose alone leaves blocks of a fused broadcast unbound"
+    for name in broken:
+        func, rule = rules[name]
+        assert rule not in (None, "Transpose"), (name, rule)
+        assert not gpu.unbound_blocks(s_tir.Schedule(func)), name
+    assert all(rule is not None for _, rule in rules.values())
+
+
 def _lowered_for_cuda(model: str, options: CompileOptions):
     """(kernels of ``model`` as the CUDA pipeline sees them before scheduling, the target)."""
     import tvm

@@ -79,9 +79,27 @@ def schedule_prim_func(func: tirx.PrimFunc, target: Target, rules: list) -> tupl
         if space is None:
             continue
         sch = space[0] if isinstance(space, list) else space
+        if unbound_blocks(sch):
+            continue
         name = type(getattr(rule, "rule", rule)).__name__
         return sch.mod["main"].with_attr(SCHEDULED_ATTR, True), name
     return func, None
+
+
+def unbound_blocks(sch: s_tir.Schedule) -> list[str]:
+    """Names of the blocks of a scheduled kernel that no GPU thread loop encloses. Such a block
+    would run on the host and dereference device pointers (a segfault): DLight's ``Transpose``
+    schedules only the transpose of a fused function and leaves the blocks after it unbound."""
+    unbound, pending = [], list(sch.get_child_blocks(sch.get_sblock("root")))
+    while pending:  # a block under a thread loop runs on the device with all blocks inside it
+        block = pending.pop()
+        if any(sch.get(loop).kind == tirx.ForKind.THREAD_BINDING for loop in sch.get_loops(block)):
+            continue
+        inner = list(sch.get_child_blocks(block))
+        if not inner:
+            unbound.append(sch.get(block).name_hint)
+        pending += inner
+    return unbound
 
 
 def touches_bool_memory(func: tirx.PrimFunc) -> bool:
