@@ -282,8 +282,14 @@ def _dequantize(ctx, args):
             code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
             g = (tirx.floordiv(k, group),) + rest
             zero = zeros[0][g].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
-            return ((code.astype("float32") - zero) * scales[g].astype("float32")).astype(out_dtype)
+            scale = scales[g].astype("float32")
+            # code * scale - zero * scale: one fused multiply-add per weight, zero * scale is the
+            # same for a whole group (hoisted out of the unrolled k steps of a product)
+            return (code.astype("float32") * scale - zero * scale).astype(out_dtype)
 
         return te.compute(ctx.out_shape(), element, name="dequantize")
 
-    return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize")
+    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
+
+    return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize",
+                               primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})

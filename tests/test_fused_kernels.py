@@ -97,3 +97,59 @@ def test_fused_kernel(case):
         got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())),
                                    err_msg=f"{case} at T={T}")
+
+
+def int4_linear_add(b, p):
+    """One-row product over packed 4-bit weights (576 rows in groups of 128: the last group is
+    ragged), then a residual add: a decoding step's down projection."""
+    weights = b.add(ops.DEQUANTIZE, [p[1], p[2], p[3]], {"bits": 4, "group_size": 128, "rows": 576})
+    return b.add(ops.ADD, [b.add(ops.MATMUL, [p[0], weights]), p[4]])
+
+
+def linear_silu_gate(b, p):
+    return b.add(ops.MUL, [b.add(ops.SILU, [b.add(ops.MATMUL, [p[0], p[1]])]), p[2]])
+
+
+ONE_ROW_CASES = {  # name -> (body, parameter types, CPU schedule rule)
+    "int4_linear_add": (int4_linear_add, [t(F32, 1, 1, 576), t(DType.u32, 72, 320), t(DType.f16, 5, 320),
+                                          t(DType.f16, 5, 320), t(F32, 1, 1, 320)], "quantized_gemv"),
+    "linear_silu_gate": (linear_silu_gate, [t(F32, 1, 1, 576), t(F32, 576, 1536), t(F32, 1, 1, 1536)], "gemv"),
+}
+
+
+def one_row_sample(ty, rng):
+    if ty.dtype is DType.u32:
+        return rng.integers(0, 2**32, ty.concrete({}), dtype=np.uint64).astype(np.uint32)
+    if ty.dtype is DType.f16:
+        return (rng.random(ty.concrete({})) * (0.02 if ty.shape[0] == 5 else 15)).astype(np.float16)
+    return rng.standard_normal(ty.concrete({})).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", sorted(ONE_ROW_CASES))
+def test_one_row_products_stream_the_weights(case):
+    """Decoding-step products over [K, N] weights get a one-row schedule (no row padding, no
+    float copy of the weights): fp32 the column GEMV, packed int4 the factored product with its
+    per-chunk partial sums in registers; both match the interpreter."""
+    from slimgraph.backends.build import build_executable
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import cpu
+    from slimgraph.backends.targets import resolve_target
+
+    body, types, expected_rule = ONE_ROW_CASES[case]
+    module = fused_module(body, types)
+    spec = resolve_target("x86")
+    target = spec.tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        kernels = tvm.transform.Sequential(cpu.lowering_passes(target))(lower_to_relax(module).ir_module)
+        (func,) = [f for _, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        scheduled, rule = cpu.schedule_prim_func(func, target)
+    script = scheduled.script()
+    assert rule == expected_rule
+    assert "_pad" not in script and "dequantize" not in script
+    if rule == "quantized_gemv":
+        assert 'part_local = T.sblock_alloc_buffer((T.int64(9), T.int64(320)), scope="local")' in script
+    vm = tvm.relax.VirtualMachine(build_executable(lower_to_relax(module), spec), tvm.cpu())
+    arrays = [one_row_sample(ty, np.random.default_rng(0)) for ty in types]
+    expected = run(module, arrays)[0]
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))

@@ -21,9 +21,7 @@ operand (rotary embedding, GQA broadcast of K or V) is computed once into its
 padded copy or packed panel (``_prologue``), never inside the micro kernel; the
 reduction depth may be symbolic (``P @ V`` reduces over T).
 
-GEMV (M == 1) has nothing to reuse, so B is streamed once: with ``W[j, k]``
-(k contiguous) each output is a dot product, vectorized over k through
-``rfactor``; with ``B[k, j]`` the j axis is vectorized directly.
+One-row products (M == 1, decoding) have their own schedules in ``_gemv``.
 """
 
 from tvm import tirx
@@ -37,7 +35,6 @@ from ._analysis import Contraction, analyze_contraction, const_extent, divisible
 MR = 4  # rows of A per micro tile
 NR_VECTORS = 4  # vector registers per accumulator row (MR x NR_VECTORS accumulators)
 PANEL_TILES = 1  # micro tiles per packed B panel
-GEMV_ROWS = 4  # outputs per GEMV work item
 MIN_DEPTH = 4  # shorter reductions, e.g. an outer product, use the generic schedules
 
 
@@ -241,39 +238,3 @@ def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> SBl
     else:
         sch.vectorize(sch.get_loops(bp)[-1])
     return bp
-
-
-def is_gemv(sch: Schedule) -> bool:
-    """A contraction whose output has a single row (M == 1, e.g. decoding)."""
-    found = find_contraction(sch)
-    if found is None:
-        return False
-    mm, info = found
-    if info.i is None:
-        return True
-    return const_extent(sch.get(mm).iter_vars[info.i].dom.extent) == 1
-
-
-def schedule_gemv(sch: Schedule, lanes: int) -> None:
-    """Stream B once: parallel over groups of GEMV_ROWS outputs; the k loop is
-    vectorized (rfactor into ``lanes`` partial sums) when k is B's contiguous
-    axis, otherwise the j axis is vectorized like a one-row GEMM."""
-    mm, info = find_contraction(sch)
-    if not info.b_k_contiguous:
-        schedule_gemm(sch, lanes)
-        return
-    epi = _prologue.inline_around(sch, mm)
-    ko, ki = sch.split(sch.get_loops(mm)[-1], [None, lanes])
-    rf = sch.rfactor(ki, factor_axis=0)
-    sch.set_scope(rf, 0, "local")
-    spatial = sch.get_loops(mm)[:-1]
-    jo, ji = sch.split(sch.fuse(*spatial), [None, GEMV_ROWS])
-    sch.compute_at(rf, ji, preserve_unit_loops=False)
-    lane, k_outer = sch.get_loops(rf)[-2:]
-    sch.reorder(k_outer, lane)
-    if epi is not None:
-        sch.reverse_compute_at(epi, jo, preserve_unit_loops=True)
-    sch.parallel(jo)
-    sch.vectorize(sch.get_loops(rf)[-1])
-    sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
-

@@ -4,7 +4,7 @@ TVM's Relax CPU pipeline lowers fused PrimFuncs without any schedule, i.e. as
 scalar single-threaded loop nests. ``schedule_cpu_module`` gives each PrimFunc
 a deterministic hand-written schedule chosen from its block structure:
 
-* GEMV (one output row): parallel over outputs, k vectorized (``_matmul``);
+* GEMV (one output row): the weights streamed once, dequantized in registers (``_gemv``);
 * GEMM / batch GEMM with fused prologue and epilogue: packed B panels and a
   register-blocked micro kernel (``_matmul``);
 * row kernels (softmax, layer norm, RMS norm): parallel rows, reductions as
@@ -25,7 +25,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from . import _fastmath, _generic, _indices, _matmul
+from . import _fastmath, _generic, _gemv, _indices, _matmul, _quantized_gemv
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
@@ -46,11 +46,12 @@ def _rules(target: Target, lanes: int):
     may return a replacement Schedule."""
 
     def gemv(sch):
-        if not _matmul.is_gemv(sch):
+        if not _gemv.is_gemv(sch):
             raise ValueError("not a GEMV")
-        _matmul.schedule_gemv(sch, lanes)
+        _gemv.schedule_gemv(sch, lanes, _num_cores(target))
 
     return [
+        ("quantized_gemv", lambda sch: _quantized_gemv.schedule(sch, lanes, _num_cores(target))),
         ("gemv", gemv),
         ("gemm", lambda sch: _matmul.schedule_gemm(sch, lanes, _num_cores(target))),
         ("rows", lambda sch: _generic.schedule_rows(sch, lanes)),
@@ -125,6 +126,7 @@ def lowering_passes(target: Target) -> list:
     return cpu_pipeline.library_dispatch_passes(target) + [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        _quantized_gemv.factor_quantized_gemv,
         _fastmath.fast_math_pass,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -1,0 +1,113 @@
+"""One-row matrix products (M == 1: decoding steps) for x86 CPUs: stream the weights once.
+
+A one-row product ``y[j] = sum_k x[k] * B[k, j]`` reuses nothing of B, so its speed is the rate
+at which B is read; padding the row to a GEMM micro tile would multiply the arithmetic by the
+tile height and packing B would copy it. Two layouts:
+
+* ``W[j, k]`` (k contiguous, a torch Linear weight): each output is a dot product, vectorized
+  over k through ``rfactor`` into ``lanes`` partial sums; parallel over groups of outputs;
+* ``B[k, j]`` (j contiguous, slimgraph's ``x @ W`` layout and its packed int4/int8 words):
+  parallel over tiles of ``width`` columns; each tile keeps ``width / lanes`` vector accumulators
+  in registers while k runs (``acc[j..j+width] += x[k] * B[k, j..j+width]``), so every element of
+  B is loaded once, as a contiguous vector.
+
+A dequantize prologue is inlined into the product: packed words are read from memory and
+unpacked in registers (``(word >> 4 (k mod 8)) & 15``, minus the zero point, times the group
+scale), never stored as floats. The k loop is unrolled by ``K_UNROLL`` (the 8 codes of a 4-bit
+word), which turns the shift amounts into constants and lets the 8 steps share one word load.
+"""
+
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import SBlockRV
+
+from . import _prologue
+from ._analysis import const_extent
+from ._generic import parallel_vectorize
+from ._matmul import find_contraction
+
+DOT_ROWS = 4  # outputs per work item of the k-contiguous product
+K_UNROLL = 8  # k steps per unrolled body of the column product (codes of one 4-bit word)
+TASKS_PER_CORE = 8  # column tiles are narrowed until each core has this many
+
+
+def is_gemv(sch: Schedule) -> bool:
+    """A contraction whose output has a single row (M == 1, e.g. decoding)."""
+    found = find_contraction(sch)
+    if found is None:
+        return False
+    mm, info = found
+    if info.i is None:
+        return True
+    return const_extent(sch.get(mm).iter_vars[info.i].dom.extent) == 1
+
+
+def schedule_gemv(sch: Schedule, lanes: int, cores: int = 1) -> None:
+    """The one-row product for B's layout; raises ValueError where neither schedule applies."""
+    mm, info = find_contraction(sch)
+    if info.b_k_contiguous:
+        _schedule_dot_products(sch, mm, lanes)
+    else:
+        _schedule_column_product(sch, mm, info, lanes, cores)
+
+
+def _schedule_dot_products(sch: Schedule, mm: SBlockRV, lanes: int) -> None:
+    epi = _prologue.inline_around(sch, mm)
+    ko, ki = sch.split(sch.get_loops(mm)[-1], [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=0)
+    sch.set_scope(rf, 0, "local")
+    spatial = sch.get_loops(mm)[:-1]
+    jo, ji = sch.split(sch.fuse(*spatial), [None, DOT_ROWS])
+    sch.compute_at(rf, ji, preserve_unit_loops=False)
+    lane, k_outer = sch.get_loops(rf)[-2:]
+    sch.reorder(k_outer, lane)
+    if epi is not None:
+        sch.reverse_compute_at(epi, jo, preserve_unit_loops=True)
+    sch.parallel(jo)
+    sch.vectorize(sch.get_loops(rf)[-1])
+    sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
+
+
+def column_tile(columns: int | None, lanes: int, cores: int) -> int:
+    """Width of the column tiles: up to 4 vectors, narrowed while there are fewer than
+    TASKS_PER_CORE tiles per core; ValueError when the columns are not a multiple of the lanes."""
+    if columns is None or columns % lanes:
+        raise ValueError(f"{columns} columns are not a multiple of {lanes} lanes")
+    width = 4 * lanes
+    while width > lanes and (columns % width or columns // width < TASKS_PER_CORE * cores):
+        width //= 2
+    return width
+
+
+def _schedule_column_product(sch: Schedule, mm: SBlockRV, info, lanes: int, cores: int) -> None:
+    block = sch.get(mm)
+    loops = sch.get_loops(mm)
+    spatial = [p for p in range(len(loops)) if p != info.k]
+    if info.k != len(loops) - 1 or info.j != spatial[-1]:
+        raise ValueError("the column product needs (.., j, k) loops")
+    width = column_tile(const_extent(block.iter_vars[info.j].dom.extent), lanes, cores)
+    depth = const_extent(block.iter_vars[info.k].dom.extent)
+    epi = _prologue.inline_around(sch, mm)
+    loops = sch.get_loops(mm)
+    jo, ji = sch.split(sch.fuse(*loops[:-1]), [None, width])
+    k_loops = sch.split(loops[-1], [None, K_UNROLL]) if depth is not None and depth % K_UNROLL == 0 else [loops[-1]]
+    sch.reorder(jo, *k_loops, ji)
+    sch.vectorize(ji)
+    if len(k_loops) == 2:
+        sch.unroll(k_loops[1])
+    store = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(store, jo, preserve_unit_loops=True)
+    sch.vectorize(sch.fuse(*sch.get_loops(store)[1:]))
+    sch.parallel(jo)
+    sch.decompose_reduction(mm, k_loops[0])
+    if epi is not None:
+        place_epilogue(sch, epi, jo, lanes)
+
+
+def place_epilogue(sch: Schedule, epi: SBlockRV, tile, lanes: int) -> None:
+    """The epilogue under the column tile when it reads the tile's columns only, else its own
+    parallel, vectorized loop nest."""
+    try:
+        sch.reverse_compute_at(epi, tile, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(epi)[-1])
+    except Exception:  # pylint: disable=broad-except  # e.g. a reshape reading across tiles
+        parallel_vectorize(sch, sch.get_loops(epi), lanes)

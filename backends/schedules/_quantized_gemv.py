@@ -1,0 +1,149 @@
+"""One-row products over packed low-bit weights for CPUs, with the group scale factored out.
+
+A decoding step multiplies one row ``x[K]`` by weights stored as ``bits``-bit codes ``q`` packed
+``P = 32 / bits`` to a uint32 word, with a scale ``s`` and zero point ``z`` per group of ``G`` rows
+and column: ``W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]``. Dequantizing every weight costs a
+shift, a mask, a conversion, a subtraction and a multiplication before the multiply-add. Within
+a chunk of ``C = gcd(K, G)`` rows the scale and zero point are constant, so
+
+    y[n] = sum_c s[c, n] * (sum_{k in c} x[k] q[k, n]  -  z[c, n] * sum_{k in c} x[k])
+
+and the inner sum needs the code only. The code's shift is folded into ``x`` as well: with
+``j = k mod P`` the masked word ``word & (2^bits - 1) << bits j`` equals ``q * 2^(bits j)`` exactly
+(at most ``bits`` significant bits), so ``x[k] q[k, n] = (x[k] 2^(-bits j)) * float(word & mask_j)``.
+Per weight that leaves a mask, a conversion and a multiply-add; per chunk and column a
+multiply-add more. Blocks of the kernel:
+
+* ``xq[k] = x[k] * 2^(-bits (k mod P))`` and ``xs[c] = sum_{k in c} x[k]`` (K and K/C values);
+* ``part[c, n] = sum_{k in c} xq[k] * float(word(k, n) & mask(k mod P))``;
+* ``y[n] = sum_c s[c, n] * (part[c, n] - z[c, n] * xs[c])``, then the fused epilogue.
+
+``factor_quantized_gemv`` (a Relax pass of the CPU pipeline, before ops are legalized) puts this
+kernel in place of ``matmul(x, dequantize(words, scales, zeros))`` when x has one row;
+``schedule`` tiles it: parallel over tiles of columns, ``part`` kept in vector registers for one
+chunk at a time, the k steps of a chunk unrolled by P (constant masks, one word load for P steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax, te, tirx
+from tvm.s_tir import Schedule
+
+from . import _prologue
+from ._analysis import root_blocks
+from ._gemv import column_tile, place_epilogue
+
+DEQUANTIZE_ATTR = "slimgraph.dequantize"  # {"bits", "group_size"} on the dequantize PrimFunc
+ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
+CODES_PER_WORD = "slimgraph.codes_per_word"  # on the partial block
+
+
+def _factored_product(x, words, scales, *zeros, bits: int, group: int, rows: int):
+    """The TE compute of the factored product (shapes as ``matmul(x, dequantize(...))``)."""
+    per_word, columns = 32 // bits, words.shape[-1]
+    chunk = math.gcd(rows, group)
+    lead = (0,) * (len(x.shape) - 1)
+    xq = te.compute((rows,), lambda k: x[lead + (k,)] * tirx.exp2(
+        tirx.Cast("float32", tirx.floormod(k, per_word) * -bits)), name="xq")
+    i = te.reduce_axis((0, chunk), "i")
+    xs = te.compute((rows // chunk,), lambda c: te.sum(x[lead + (c * chunk + i,)], axis=i), name="xs")
+
+    def code(k, n):
+        mask = tirx.shift_left(tirx.const((1 << bits) - 1, "uint32"), tirx.Cast("uint32", tirx.floormod(k, per_word) * bits))
+        return tirx.bitwise_and(words[tirx.floordiv(k, per_word), n], mask).astype("float32")
+
+    j = te.reduce_axis((0, chunk), "j")
+    part = te.compute((rows // chunk, columns), lambda c, n: te.sum(xq[c * chunk + j] * code(c * chunk + j, n), axis=j),
+                      name="part", attrs={ROLE: "partial", CODES_PER_WORD: per_word})
+    c = te.reduce_axis((0, rows // chunk), "c")
+
+    def zero(g, n):
+        return zeros[0][g, n].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
+
+    def out(*idx):
+        g = tirx.floordiv(c * chunk, group)
+        return te.sum(scales[g, idx[-1]].astype("float32") * (part[c, idx[-1]] - zero(g, idx[-1]) * xs[c]), axis=c)
+
+    return te.compute(tuple(x.shape[:-1]) + (columns,), out, name="matmul", attrs={ROLE: "output"})
+
+
+def _one_row(ty) -> bool:
+    """A float32 tensor of static shape (1, .., 1, K)."""
+    shape = getattr(ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or ty.dtype != "float32":
+        return False
+    dims = [d.value if isinstance(d, tirx.IntImm) else None for d in shape.values[:-1]]
+    return all(d == 1 for d in dims)
+
+
+@relax.expr_functor.mutator
+class _Factorer(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def visit_call_(self, call):
+        factored = self._factored(call)
+        return factored if factored is not None else super().visit_call_(call)
+
+    def _factored(self, call):
+        if call.op != tvm.ir.Op.get("relax.matmul") or not _one_row(call.args[0].ty):
+            return None
+        producer = self.lookup_binding(call.args[1]) if isinstance(call.args[1], relax.Var) else None
+        if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
+            return None
+        attrs = self.mod_[producer.args[0]].attrs
+        spec = attrs.get(DEQUANTIZE_ATTR) if attrs is not None else None
+        if spec is None:
+            return None
+        rows = int(call.args[1].ty.shape.values[0])
+        return self.builder_.call_te(_factored_product, call.args[0], *producer.args[1].fields, bits=int(spec["bits"]),
+                                     group=int(spec["group_size"]), rows=rows, primfunc_name_hint="quantized_gemv")
+
+
+@tvm.transform.module_pass(opt_level=0, name="SlimgraphFactorQuantizedGEMV")
+def factor_quantized_gemv(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """One-row ``matmul(x, dequantize(..))`` of fused functions -> the factored kernel."""
+    factorer = _Factorer(mod)
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
+            factorer.builder_.update_func(gvar, factorer.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(factorer.builder_.get())
+
+
+def _role(sch: Schedule, block) -> str | None:
+    value = sch.get(block).annotations.get(ROLE)
+    return str(value) if value is not None else None
+
+
+def schedule(sch: Schedule, lanes: int, cores: int) -> None:
+    """Schedule a kernel holding the factored product; ValueError for any other kernel."""
+    roles = {_role(sch, b): b for b in root_blocks(sch)}
+    if "output" not in roles or "partial" not in roles:
+        raise ValueError("not a factored quantized product")
+    out, part = roles["output"], roles["partial"]
+    columns = int(sch.get(part).iter_vars[1].dom.extent)
+    chunk, per_word = int(sch.get(part).iter_vars[2].dom.extent), int(sch.get(part).annotations[CODES_PER_WORD])
+    epi = _prologue.fold_epilogue(sch, out)
+    *spatial, chunks = sch.get_loops(out)
+    tile, lane = sch.split(sch.fuse(*spatial), [None, column_tile(columns, lanes, cores)])
+    sch.reorder(tile, chunks, lane)
+    store = sch.cache_write(out, 0, "local")
+    sch.reverse_compute_at(store, tile, preserve_unit_loops=True)
+    sch.compute_at(part, chunks)
+    sch.set_scope(part, 0, "local")
+    column, step = sch.get_loops(part)[-2:]
+    outer, inner = sch.split(step, [None, per_word if chunk % per_word == 0 else chunk])
+    sch.reorder(outer, inner, column)
+    sch.vectorize(column)
+    sch.unroll(inner)
+    sch.vectorize(lane)
+    sch.vectorize(sch.fuse(*sch.get_loops(store)[1:]))
+    sch.parallel(tile)
+    sch.decompose_reduction(part, outer)
+    sch.decompose_reduction(out, chunks)
+    if epi is not None:
+        place_epilogue(sch, epi, tile, lanes)
