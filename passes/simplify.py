@@ -14,6 +14,9 @@ node's name) or None. Every rewrite preserves values exactly or within fp32 roun
 * A transpose/reshape/cast of a weight is computed once at compile time: ``matmul(x,
   transpose(@W))`` becomes ``matmul(x, @W.T)`` with ``W.T`` a contiguous [in, out] array.
 * ``matmul(a[..., M, 1], b[..., 1, N]) = a * b`` (an outer product needs no reduction).
+* ``pow(x, n)`` for n = 2, 3, 4 is a product of ``x`` (``x*x``, ``(x*x)*x``, ``(x*x)*(x*x)``):
+  exact for negative ``x``, where ``pow`` compiled as ``exp2(n * log2(x))`` (CUDA's fast math)
+  returns NaN, and cheaper (GPT-2's tanh GELU computes ``x^3``).
 * An embedding lookup whose table also exists transposed (tied input/output embeddings) reads
   the transposed copy, so the table is stored once.
 * Normalizations written with primitives become single ops, and batch norm after a convolution
@@ -105,6 +108,18 @@ def outer_product(ctx: Context, node: Node, inputs: tuple) -> str | None:
     return ctx.rw.add(ops.MUL, inputs, name=node.name)
 
 
+def integer_power(ctx: Context, node: Node, inputs: tuple) -> str | None:
+    """``pow(x, n)`` for a constant n in {2, 3, 4} as multiplications."""
+    exponent = scalar_value(ctx.rw, inputs[1])
+    if exponent not in (2.0, 3.0, 4.0) or ctx.rw.type_of(inputs[0]) != node.type:
+        return None
+    x = inputs[0]
+    if exponent == 2.0:
+        return ctx.rw.add(ops.MUL, (x, x), name=node.name)
+    square = ctx.rw.add(ops.MUL, (x, x), name=f"{node.name}_square")
+    return ctx.rw.add(ops.MUL, (square, x if exponent == 3.0 else square), name=node.name)
+
+
 def gather_from_transposed_copy(ctx: Context, node: Node, inputs: tuple) -> str | None:
     """``take(@W, ids, axis=0) = transpose(take(@V, ids, axis=1))`` when the module also holds
     ``V = W^T`` (a tied embedding whose transposed copy feeds the LM head): the lookup then reads
@@ -169,6 +184,7 @@ def _rules() -> dict:
         ops.SUB: (sub_zero,),
         ops.BATCH_NORM: (norms.fold_batch_norm,),
         ops.MATMUL: (outer_product,),
+        ops.POW: (integer_power,),
         ops.TAKE: (gather_from_transposed_copy,),
     }
 

@@ -125,6 +125,18 @@ def test_weight_transpose_is_pretransposed_once():
     assert all(not i.startswith("@") for n in transposes for i in n.inputs)  # no weight transposed at run time
 
 
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 4.0])
+def test_integer_powers_become_products(exponent):
+    """pow(x, n) -> products of x: exact for negative x (GPT-2's GELU cubes negative values)."""
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (5,)))
+    module = g.module(g(ops.POW, x, g.const(exponent)))
+    result = run_pass("simplify", module).module
+    assert not any(n.op is ops.POW for n in result.main.nodes)
+    values = np.array([-2.5, -1.0, 0.0, 0.5, 3.0], np.float32)
+    np.testing.assert_allclose(interpreter.run(result, [values])[0], np.power(values, exponent), rtol=1e-6)
+
+
 def test_tied_embedding_is_stored_once():
     """The lookup table and the LM head's transposed copy hold the same numbers: keep one."""
     before = llama_block(layers=1)

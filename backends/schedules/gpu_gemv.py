@@ -12,8 +12,10 @@ reading a column of ``W`` with a stride of ``N`` elements: uncoalesced and far f
 bandwidth that bounds this kernel.
 
 This rule reads ``W`` row by row instead. A thread block owns ``TX`` adjacent outputs
-(``threadIdx.x``), so a warp reads ``TX`` consecutive elements (or packed words) of one row: one
-coalesced transaction. ``TY`` groups of threads (``threadIdx.y``) split the rows: group ``t`` sums
+(``threadIdx.x``), so a warp reads ``TX`` consecutive elements (or packed words) of ``32 / TX`` rows:
+whole 32-byte sectors. ``TX`` is 32 for wide matrices and narrows to 16 or 8 until there are
+``MIN_BLOCKS`` blocks, so that a 2048-wide projection still occupies every multiprocessor of a
+large GPU (132 on an H100). ``TY`` groups of threads (``threadIdx.y``) split the rows: group ``t`` sums
 rows ``k = (j * TY + t) * KI + i`` for its ``j`` (unrolled) and the ``KI`` rows of one packed word
 ``i``, into a register; the ``TY`` partial sums of one output are then added by a cross-thread
 reduction. The dequantize prologue is inlined, so each packed word is loaded once and unpacked in
@@ -28,9 +30,10 @@ from tvm.s_tir.dlight.analysis.gemv import is_gemv
 from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 from tvm.target import Target
 
-THREADS_X = 32          # outputs per block: one warp reads 32 consecutive elements of a row
-# up to 32 row groups (threadIdx.y) x 32 outputs: at most 1024 threads, CUDA's limit per block
-MIN_ROWS_PER_THREAD = 4  # rows each thread group sums before the cross-thread reduction
+THREADS_X = (32, 16, 8)  # outputs per block, widest first: 8 words of a row are one 32-byte sector
+MIN_BLOCKS = 256         # narrower blocks until the outputs make this many (two per multiprocessor)
+MAX_THREADS = 1024       # CUDA's limit per block: row groups (threadIdx.y) x outputs
+MIN_ROWS_PER_THREAD = 4  # loaded elements each thread sums before the cross-thread reduction (16 measured slower)
 
 
 def _static(extent) -> int | None:
@@ -71,18 +74,22 @@ class ColumnGEMV:
         shape = self._gemv_shape(sch, main)
         if shape is None:
             return None
-        k_extent, rows_per_word = shape
-        rows_per_group = next((ty for ty in (32, 16, 8, 4, 2, 1)
-                               if k_extent % (ty * rows_per_word) == 0
-                               and k_extent // (ty * rows_per_word) >= MIN_ROWS_PER_THREAD), None)
-        if rows_per_group is None:
+        n_extent, k_extent, rows_per_word = shape
+        threads_x = next((tx for tx in THREADS_X if n_extent % tx == 0 and n_extent // tx >= MIN_BLOCKS), THREADS_X[-1])
+        if n_extent % threads_x:
             return None
-        self._schedule(sch, main, infos[1] if len(infos) == 2 else None, rows_per_group, rows_per_word)
+        fits = [ty for ty in (128, 64, 32, 16, 8, 4, 2, 1)
+                if ty * threads_x <= MAX_THREADS and k_extent % (ty * rows_per_word) == 0]
+        if not fits:
+            return None
+        # the most row groups that leave each thread MIN_ROWS_PER_THREAD loads, else one group
+        rows_per_group = next((ty for ty in fits if k_extent // (ty * rows_per_word) >= MIN_ROWS_PER_THREAD), fits[-1])
+        self._schedule(sch, main, infos[1] if len(infos) == 2 else None, threads_x, rows_per_group, rows_per_word)
         return sch
 
     @staticmethod
     def _gemv_shape(sch: s_tir.Schedule, main) -> tuple[int, int] | None:
-        """(K, rows per loaded element) of a one-token outer-reduction GEMV, else None."""
+        """(N, K, rows per loaded element) of a one-token outer-reduction GEMV, else None."""
         if not main.is_reduction() or is_gemv(sch, main) is None:
             return None
         spatial = [it for it in main.iters if it.kind == "S"]
@@ -96,15 +103,15 @@ class ColumnGEMV:
         n_var, k_var = spatial[-1].var, reduction[0].var
         if not _reads_rows(block, k_var, n_var):
             return None
-        return extents[-1], _rows_per_word(block, k_var)
+        return extents[len(spatial) - 1], extents[-1], _rows_per_word(block, k_var)
 
     @staticmethod
-    def _schedule(sch: s_tir.Schedule, main, epilogue, rows_per_group: int, rows_per_word: int) -> None:
+    def _schedule(sch: s_tir.Schedule, main, epilogue, threads_x: int, rows_per_group: int, rows_per_word: int) -> None:
         block = main.block_rv
         spatial = [it.loop_rv for it in main.iters if it.kind == "S"]
         (k_loop,) = [it.loop_rv for it in main.iters if it.kind == "R"]
         n_loop = sch.fuse(*spatial)
-        bx, tx = sch.split(n_loop, [None, THREADS_X])
+        bx, tx = sch.split(n_loop, [None, threads_x])
         ko, ty, ki = sch.split(k_loop, [None, rows_per_group, rows_per_word])
         sch.reorder(bx, tx, ty, ko, ki)
         partial = sch.rfactor(ty, factor_axis=0)
