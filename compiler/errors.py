@@ -73,6 +73,12 @@ class RecipeLayerError(UsageError):
     code = "SG-107"
 
 
+class SamplingOptionError(UsageError):
+    """A text-generation setting out of range (temperature, top-k, top-p, repetition penalty, ...)."""
+
+    code = "SG-108"
+
+
 # ----------------------------------------------------------------------------- bad input (exit 3)
 class BadInputError(SlimgraphError):
     """A model, artifact or input file is malformed, inconsistent or unsafe."""
