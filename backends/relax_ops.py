@@ -271,6 +271,8 @@ def _dequantize(ctx, args):
     """A TE compute (one injective block) that FuseTIR inlines into the consuming kernel."""
     from tvm import te, tirx
 
+    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, zero_point
+
     bits, group, rows = ctx.node.attr("bits"), ctx.node.attr("group_size"), ctx.node.attr("rows")
     out_dtype = TVM_DTYPES[ctx.node.attr("dtype")]
     per_word = 32 // bits
@@ -281,15 +283,13 @@ def _dequantize(ctx, args):
             word = words[(tirx.floordiv(k, per_word),) + rest]
             code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
             g = (tirx.floordiv(k, group),) + rest
-            zero = zeros[0][g].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
+            zero = zero_point(zeros, g, bits)
             scale = scales[g].astype("float32")
             # code * scale - zero * scale: one fused multiply-add per weight, zero * scale is the
             # same for a whole group (hoisted out of the unrolled k steps of a product)
             return (code.astype("float32") * scale - zero * scale).astype(out_dtype)
 
         return te.compute(ctx.out_shape(), element, name="dequantize")
-
-    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
 
     return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize",
                                primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})

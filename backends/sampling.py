@@ -100,16 +100,17 @@ class TokenSampler:
     def distribution(self, logits: np.ndarray, history: Iterable[int]) -> np.ndarray:
         """Probabilities of the next token after steps 1 and 3-5 (for a sampling decoder)."""
         o = self.options
-        scores = penalize_repeats(np.asarray(logits, np.float32), history, o.repetition_penalty) / o.temperature
+        scores = self._penalized(logits, history) / o.temperature
         return softmax(keep_top_p(keep_top_k(scores, o.top_k), o.top_p))
 
     def choose(self, logits: np.ndarray, history: Iterable[int]) -> int:
-        history = list(history)
         if self.options.greedy:
-            return int(np.argmax(penalize_repeats(np.asarray(logits, np.float32), history,
-                                                  self.options.repetition_penalty)))
+            return int(np.argmax(self._penalized(logits, history)))
         probs = self.distribution(logits, history)
         return int(self.rng.choice(probs.size, p=probs))
+
+    def _penalized(self, logits: np.ndarray, history: Iterable[int]) -> np.ndarray:
+        return penalize_repeats(np.asarray(logits, np.float32), history, self.options.repetition_penalty)
 
     def finished(self, token: int, generated: int) -> bool:
         """Whether generation ends after ``token``, the ``generated``-th new token."""

@@ -41,6 +41,11 @@ ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
 CODES_PER_WORD = "slimgraph.codes_per_word"  # on the partial block
 
 
+def zero_point(zeros: tuple, index: tuple, bits: int):
+    """The float zero point at ``index``: the stored one, or ``2^(bits-1)`` for symmetric codes."""
+    return zeros[0][index].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
+
+
 def _factored_product(x, words, scales, *zeros, bits: int, group: int, rows: int):
     """The TE compute of the factored product (shapes as ``matmul(x, dequantize(...))``)."""
     per_word, columns = 32 // bits, words.shape[-1]
@@ -60,12 +65,9 @@ def _factored_product(x, words, scales, *zeros, bits: int, group: int, rows: int
                       name="part", attrs={ROLE: "partial", CODES_PER_WORD: per_word})
     c = te.reduce_axis((0, rows // chunk), "c")
 
-    def zero(g, n):
-        return zeros[0][g, n].astype("float32") if zeros else tirx.const(float(1 << (bits - 1)), "float32")
-
     def out(*idx):
         g = tirx.floordiv(c * chunk, group)
-        return te.sum(scales[g, idx[-1]].astype("float32") * (part[c, idx[-1]] - zero(g, idx[-1]) * xs[c]), axis=c)
+        return te.sum(scales[g, idx[-1]].astype("float32") * (part[c, idx[-1]] - zero_point(zeros, (g, idx[-1]), bits) * xs[c]), axis=c)
 
     return te.compute(tuple(x.shape[:-1]) + (columns,), out, name="matmul", attrs={ROLE: "output"})
 

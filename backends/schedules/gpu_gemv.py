@@ -88,7 +88,7 @@ class ColumnGEMV:
         return sch
 
     @staticmethod
-    def _gemv_shape(sch: s_tir.Schedule, main) -> tuple[int, int] | None:
+    def _gemv_shape(sch: s_tir.Schedule, main) -> tuple[int, int, int] | None:
         """(N, K, rows per loaded element) of a one-token outer-reduction GEMV, else None."""
         if not main.is_reduction() or is_gemv(sch, main) is None:
             return None
