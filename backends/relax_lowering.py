@@ -124,6 +124,7 @@ class LoweredModule:
 
 def check_supported(module: Module) -> None:
     """Raise one UnsupportedOpsError listing every op the backend cannot lower."""
+    import slimgraph.backends.relax_cache  # noqa: F401  (registers LOWERINGS)
     import slimgraph.backends.relax_ops  # noqa: F401  (registers LOWERINGS)
 
     missing: dict[str, tuple[int, str]] = {}

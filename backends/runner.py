@@ -93,6 +93,7 @@ class CompiledModel:
                                for name, a in arrays.items()}
         self.entries = {name: EntryPoint(self, name, sig) for name, sig in self.manifest["entries"].items()}
         self.main = next(iter(self.entries.values()))
+        self._generator = None
 
     @property
     def input_names(self) -> list[str]:
@@ -104,6 +105,35 @@ class CompiledModel:
 
     def __getitem__(self, name: str) -> EntryPoint:
         return self.entries[name]
+
+    @property
+    def generator(self):
+        """The :class:`~slimgraph.backends.generation.TextGenerator` of an artifact compiled with
+        ``--kv-cache`` (made on first use: it allocates the KV caches on the device)."""
+        if self._generator is None:
+            from slimgraph.backends.generation import TextGenerator, load_tokenizer
+
+            self._generator = TextGenerator(self, load_tokenizer(self))
+        return self._generator
+
+    def generate(self, prompt, options=None, **sampling):
+        """Generate from a prompt (text or token ids); returns a GenerationResult (token ids,
+        text, timings). ``sampling`` are SamplingOptions fields (``max_new_tokens=64``, ...)."""
+        return self.generator.generate(prompt, self._sampling(options, sampling))
+
+    def stream(self, prompt, options=None, **sampling):
+        """Iterate over the text pieces of the new tokens as they are generated."""
+        return self.generator.stream_text(prompt, self._sampling(options, sampling))
+
+    def _sampling(self, options, sampling):
+        from slimgraph.backends.sampling import SamplingOptions
+
+        if options is not None and sampling:
+            raise RuntimeInputError("pass either a SamplingOptions or its fields, not both")
+        if options is None:
+            sampling.setdefault("stop_tokens", self.generator.stop_tokens())
+            options = SamplingOptions(**sampling)
+        return options
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.main(*args, **kwargs)

@@ -81,6 +81,8 @@ def compile_cmd(
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text file or .npz inputs"),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration windows (default 16)"),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="tokens per window (default 512)"),
+    kv_cache: Optional[int] = typer.Option(None, "--kv-cache", help="causal LMs: build prefill + decode over a "
+                                           "key/value cache of this many positions (for `slimgraph generate`)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Compile MODEL for a target into an artifact directory."""
@@ -94,7 +96,7 @@ def compile_cmd(
     _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
              passes=passes,
              shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
-             force=force, as_json=as_json, compression=compression, tuning_db=tuning_db)
+             force=force, as_json=as_json, compression=compression, tuning_db=tuning_db, kv_cache=kv_cache)
 
 
 @app.command("tune")
@@ -168,6 +170,31 @@ def eval_cmd(
 
     _guarded(as_json, run_eval, target=target, metric=metric, text=text, window=window, max_tokens=max_tokens,
              max_sentences=max_sentences, as_json=as_json)
+
+
+@app.command("generate")
+def generate_cmd(
+    artifact: Path = typer.Argument(..., help="artifact compiled with --kv-cache"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text to continue (tokenized with the model's tokenizer)"),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="comma-separated token ids instead of text"),
+    raw: bool = typer.Option(False, "--raw", help="no chat template, even where the model has one"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1: off)"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the sampler"),
+    stop: List[int] = typer.Option([], "--stop", help="stop at this token id (repeatable; default: the EOS token)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every CPU)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON document: text, token ids, timings"),
+):
+    """Generate text with a compiled causal LM, streaming tokens as they come."""
+    from slimgraph.compiler.cli_generate import run_generate
+
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    _guarded(as_json, run_generate, artifact=artifact, prompt=prompt, prompt_ids=prompt_ids, chat=not raw,
+             sampling=sampling, stop=stop, threads=threads, as_json=as_json)
 
 
 @app.command("sweep")

@@ -87,7 +87,7 @@ def run_tune(*, model, db, trials, target, mcpu, arch, fp16, shape, compression,
 
 
 def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, shape, dump_ir, print_after, verify, schedule, force,
-                as_json, compression=None, tuning_db=None):
+                as_json, compression=None, tuning_db=None, kv_cache=None):
     from slimgraph.compiler.driver import CompileOptions, compile_model
     from slimgraph.compiler.recipe import recipe_from_flags
     from slimgraph.compiler.specialize import parse_shape_specs
@@ -96,6 +96,7 @@ def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, s
         target=target, mcpu=mcpu, arch=arch, fp16=fp16, passes=tuple(p.strip() for p in passes.split(",")) if passes else None,
         shapes=parse_shape_specs(shape), dump_ir=dump_ir, print_after=tuple(print_after), verify=verify,
         schedule=schedule, force=force, recipe=recipe_from_flags(**(compression or {})), tuning_db=tuning_db,
+        kv_cache=kv_cache,
     )
     if options.passes:
         from slimgraph.compiler.passmanager import get_pass

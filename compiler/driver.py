@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from slimgraph import __version__
 from slimgraph.compiler.ir import Module
+from slimgraph.compiler.kv_cache import GENERATION_METADATA
 from slimgraph.compiler.printer import print_module
 from slimgraph.compiler.specialize import bind_from_shapes, specialize
 from slimgraph.compiler.verifier import verify
@@ -47,6 +48,7 @@ class CompileOptions:
     force: bool = False
     recipe: "Recipe | None" = None        # compression steps (slimgraph.compiler.recipe)
     tuning_db: Path | None = None         # apply the schedules tuned into this directory (slimgraph tune)
+    kv_cache: int | None = None           # causal LMs: prefill + decode over a KV cache of this many positions
 
 
 def model_hash(model_path: str | None) -> str | None:
@@ -62,8 +64,9 @@ def model_hash(model_path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None]:
-    """Resolve a model (short name, path, Module) into IR; returns (module, path of its files)."""
+def load_model(model, *, max_context: int | None = None, on_event: EventFn = _quiet) -> tuple[Module, str | None]:
+    """Resolve a model (short name, path, Module) into IR; returns (module, path of its files).
+    ``max_context``: import a causal LM for generation (prefill + decode over a KV cache)."""
     if isinstance(model, Module):
         return model, None
     from slimgraph.models.registry import load_source, resolve_model
@@ -71,14 +74,32 @@ def load_model(model, *, on_event: EventFn = _quiet) -> tuple[Module, str | None
     source = resolve_model(str(model))
     path = getattr(source, "path", None)
     on_event("stage_start", {"stage": "load", "detail": str(model)})
-    key = (str(model), _files_state(path))
-    if _LOADED.get("key") != key or key[1] is None:
-        module = load_source(source)
+    key = (str(model), max_context, _files_state(path))
+    if _LOADED.get("key") != key or key[2] is None:
+        module = load_source(source, max_context=max_context)
         verify(module, source=str(model))
         _LOADED.update(key=key, module=module)
     module = _LOADED["module"]
     on_event("stage_end", {"stage": "load", "nodes": module.num_nodes()})
     return module, path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer(model_path, artifact: Path) -> str | None:
+    """Copy the model folder's tokenizer files into ``artifact/tokenizer``; its folder name or None."""
+    if model_path is None or not Path(model_path).is_dir():
+        return None
+    found = [Path(model_path) / name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
+    if not any(f.name.startswith("tokenizer") or f.name == "vocab.json" for f in found):
+        return None
+    folder = artifact / "tokenizer"
+    folder.mkdir()
+    for file in found:
+        shutil.copyfile(file, folder / file.name)
+    return folder.name
 
 
 _LOADED: dict = {}
@@ -101,6 +122,11 @@ def optimize(module: Module, options: CompileOptions, *, model_path: str | None 
     calibrate on data tokenized with the model's own tokenizer); returns the PipelineReport."""
     from slimgraph.compiler.passmanager import DEFAULT_PIPELINE, run_pipeline
 
+    if options.shapes and GENERATION_METADATA in module.metadata:
+        from slimgraph.compiler.errors import UsageError
+
+        raise UsageError("--shape cannot be combined with --kv-cache: prefill takes prompts of any length "
+                         "and decode one token")
     if options.shapes:
         module = specialize(module, bind_from_shapes(module, options.shapes))
         verify(module, source="specialized module")
@@ -140,7 +166,7 @@ def tune_model(model, db: str | Path, options: CompileOptions, *, trials: int, r
     spec = resolve_target(options.target, options.mcpu, gpu_arch=options.arch, fp16=options.fp16)
     if rpc_tracker is not None:
         check_tracker(rpc_tracker)                 # fail before any work
-    module, model_path = load_model(model, on_event=on_event)
+    module, model_path = load_model(model, max_context=options.kv_cache, on_event=on_event)
     pipeline = optimize(module, options, model_path=model_path, on_event=on_event)
     lowered = lower_to_relax(pipeline.module)
     return tune_module(lowered.ir_module, spec, db, trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
@@ -161,7 +187,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
     timings: dict[str, float] = {}
     start = time.perf_counter()
     writer = ArtifactWriter(output, force=options.force)  # refuse an existing output before any work
-    module, model_path = load_model(model, on_event=on_event)
+    module, model_path = load_model(model, max_context=options.kv_cache, on_event=on_event)
     timings["load"] = time.perf_counter() - start
     weight_bytes_before = module.weight_bytes()
     with writer as tmp:
@@ -172,6 +198,7 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             shutil.copytree(options.dump_ir, tmp / "ir")
         (tmp / "graph.ir").write_text(print_module(pipeline.module))
         build = build_artifact_files(pipeline.module, tmp, options, on_event=on_event)
+        tokenizer = copy_tokenizer(model_path, tmp) if GENERATION_METADATA in pipeline.module.metadata else None
         timings.update(build.timings)
         timings["total"] = time.perf_counter() - start
         report = {
@@ -197,8 +224,11 @@ def compile_model(model, output: str | Path, options: CompileOptions | None = No
             "recipe": options.recipe.to_dict() if options.recipe is not None else None,
             "options": {"shapes": {k: list(v) for k, v in options.shapes.items()}, "verify": options.verify,
                         "schedule": options.schedule, "mcpu": options.mcpu, "arch": options.arch, "fp16": options.fp16,
-                        "tuning_db": str(options.tuning_db) if options.tuning_db else None, "dump_ir": options.dump_ir is not None},
+                        "tuning_db": str(options.tuning_db) if options.tuning_db else None, "dump_ir": options.dump_ir is not None,
+                        "kv_cache": options.kv_cache},
             "entries": build.entries,
+            GENERATION_METADATA: pipeline.module.metadata.get(GENERATION_METADATA),
+            "tokenizer": tokenizer,
         })
     on_event("done", {"output": str(writer.out), "seconds": timings["total"]})
     return writer.out

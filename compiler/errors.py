@@ -145,6 +145,13 @@ class TuningError(BadInputError):
     code = "SG-212"
 
 
+class GenerationError(BadInputError):
+    """Generation cannot run: an artifact without prefill/decode, a prompt or output beyond the
+    compiled context length, text without the model's tokenizer."""
+
+    code = "SG-213"
+
+
 # ----------------------------------------------------------------------------- unsupported (exit 4)
 class UnsupportedError(SlimgraphError):
     """The input is valid but uses something slimgraph does not handle yet."""

@@ -103,8 +103,19 @@ LOADERS: dict[str, Callable[..., Module]] = {
 }
 
 
+GENERATION_KINDS = ("hf-folder", "hf-tiny")
+
+
 def load_source(source: ModelSource, **opts) -> Module:
-    """Import an already resolved model with the frontend for its kind."""
+    """Import an already resolved model with the frontend for its kind (``max_context``: for
+    generation, Hugging Face causal LMs only)."""
+    if opts.get("max_context") is None:
+        opts.pop("max_context", None)
+    elif source.kind not in GENERATION_KINDS:
+        from slimgraph.compiler.errors import UnsupportedError
+
+        raise UnsupportedError(f"{source.name}: a KV-cache build (--kv-cache) needs a Hugging Face causal LM; "
+                               f"this is a {source.kind} model")
     return LOADERS[source.kind](source, **opts)
 
 

@@ -23,7 +23,8 @@ its root keeps the entry topologically ordered. Groups are built greedily in thr
 
 What stays unfused in the entry: a lone reshape (a free view); source ops (``constant``,
 ``arange``) -- static ones are cloned into every group that reads them, symbolic ones stay in the
-entry since a fused function could not know their size; groups whose types mention a symbolic dim
+entry since a fused function could not know their size; cache ops (``kv_cache_write``, which writes
+the cache in place, and ``cache_attention``); groups whose types mention a symbolic dim
 that none of their inputs carries (the function could not bind it); existing calls and impure ops.
 Every other group -- even of one op -- becomes a function, so the entry is calls plus free views.
 """
@@ -39,6 +40,7 @@ from slimgraph.compiler.passmanager import PassResult, register_pass
 
 ANCHOR_CATEGORIES = (OpCategory.CONTRACTION, OpCategory.REDUCTION, OpCategory.NORMALIZATION)
 SCANS = frozenset({ops.CUMSUM})
+UNFUSED = (OpCategory.SOURCE, OpCategory.CALL, OpCategory.CACHE)  # cache ops run in place, alone
 INJECTIVE = (OpCategory.ELEMENTWISE, OpCategory.LAYOUT)
 CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.DEQUANTIZE})
 
@@ -73,7 +75,7 @@ class Partitioner:
 
     def fusible(self, node: Node | None) -> bool:
         return (node is not None and node.name not in self.group_of and node.op.pure
-                and node.op.category not in (OpCategory.SOURCE, OpCategory.CALL) and node.op not in SCANS)
+                and node.op.category not in UNFUSED and node.op not in SCANS)
 
     def internal(self, name: str, members: set) -> bool:
         """``name`` is used only by ``members`` and is not a function output."""

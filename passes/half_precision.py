@@ -11,7 +11,9 @@ step 2^-11 ~ 4.9e-4) and a largest finite value of 65504, so three places keep f
   input is cast to float32, the op runs in float32 and its result is cast back. A softmax over
   scores of magnitude ~10 or a mean of squares near 65504 would otherwise lose everything.
 * **The interface.** Float32 inputs are cast to float16 on entry, float outputs back to float32,
-  so callers see the same signature as the float32 model.
+  so callers see the same signature as the float32 model -- except the key/value caches of a
+  generation build, which are stored in float16 (half the bytes each decode step reads) and
+  written in place, so they are float16 params and outputs.
 
 Every other float32 value -- element-wise ops, layout ops, constants, ``dequantize`` results --
 is float16. Weights are converted with round-to-nearest-even; a weight beyond float16's range is
@@ -26,7 +28,8 @@ import numpy as np
 
 from slimgraph.compiler import ops
 from slimgraph.compiler.errors import CompressionError
-from slimgraph.compiler.ir import Function, Module, Node, Weight
+from slimgraph.compiler.ir import Function, Module, Node, Param, Weight
+from slimgraph.compiler.kv_cache import GENERATION_METADATA, CacheLayout
 from slimgraph.compiler.ops import AttrKind, OpCategory
 from slimgraph.compiler.passmanager import PassResult, register_pass
 from slimgraph.compiler.types import DType
@@ -91,16 +94,28 @@ def _convert_node(rw: Rewriter, node: Node) -> None:
         rw.replace(node, rw.add(node.op, inputs, _half_attrs(node), name=node.name))
 
 
+def _half_caches(rw: Rewriter, fn: Function) -> set[str]:
+    """Make the float32 KV-cache params float16 in place (no cast: the cache is stored in float16)."""
+    caches = {n.inputs[0] for n in fn.nodes if n.op is ops.KV_CACHE_WRITE}
+    for i, p in enumerate(rw.builder.params):
+        if p.name in caches and p.type.dtype is DType.f32:
+            rw.builder.params[i] = Param(p.name, p.type.with_dtype(DType.f16))
+            rw.builder.types[p.name] = rw.builder.params[i].type
+    return caches
+
+
 def _convert_function(module: Module, fn: Function, weights: dict[str, Weight]) -> Function:
     rw = Rewriter(module, fn, weights)
+    caches = _half_caches(rw, fn)
     for p in fn.params:
-        if p.type.dtype is DType.f32:
+        if p.type.dtype is DType.f32 and p.name not in caches:
             rw.subst[p.name] = _cast(rw, p.name, DType.f16, f"{p.name}_f16")
     for node in fn.nodes:
         _convert_node(rw, node)
+    written = {n.name for n in fn.nodes if n.op is ops.KV_CACHE_WRITE}
     for out in fn.outputs:
         new = rw.ref(out)
-        if rw.type_of(new).dtype is DType.f16:
+        if rw.type_of(new).dtype is DType.f16 and out not in written:
             rw.subst[out] = rw.add(ops.CAST, [new], {"dtype": DType.f32}, name=f"{out}_f32")
     return rw.finish()
 
@@ -115,7 +130,10 @@ def half_precision(module: Module) -> PassResult:
     functions = dict(module.functions)
     for fn in module.entries:
         functions[fn.name] = _convert_function(module.with_weights(weights), fn, weights)
-    new = Module(functions, weights, {**module.metadata, PRECISION_KEY: "f16"})
+    metadata = {**module.metadata, PRECISION_KEY: "f16"}
+    if GENERATION_METADATA in metadata:
+        metadata[GENERATION_METADATA] = CacheLayout.from_json(metadata[GENERATION_METADATA]).with_dtype("f16").to_json()
+    new = Module(functions, weights, metadata)
     converted = sum(1 for n, w in module.weights.items() if w.type.dtype is DType.f32)
     return PassResult(new, True, {"weights_converted": converted,
                                   "weight_bytes_before": module.weight_bytes(), "weight_bytes_after": new.weight_bytes()})

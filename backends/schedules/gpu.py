@@ -104,7 +104,7 @@ def unbound_blocks(sch: s_tir.Schedule) -> list[str]:
 
 def touches_bool_memory(func: tirx.PrimFunc) -> bool:
     """Whether a kernel has a ``bool`` parameter or a ``bool`` buffer of its own."""
-    buffers = [p for p in func.params if isinstance(p, tirx.Buffer)]
+    buffers = [p for p in func.params if isinstance(p, tirx.Buffer) and not isinstance(p.ty, tvm.ir.PrimType)]
     body = func.body
     if isinstance(body, s_tir.SBlockRealize):
         buffers += list(body.block.alloc_buffers)

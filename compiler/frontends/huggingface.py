@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from slimgraph.compiler.errors import ModelLoadError, UnsafeCheckpointError
+from slimgraph.compiler.errors import ModelLoadError, UnsafeCheckpointError, UnsupportedError
 from slimgraph.compiler.ir import Module
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -143,12 +143,18 @@ def example_inputs(wrapper: HFTracingWrapper, *, seq_len: int | None, batch: int
     return inputs
 
 
-def import_hf_model(model: torch.nn.Module, *, source: str, seq_len: int | None = None, batch: int = 1) -> Module:
-    """Trace an instantiated transformers model (causal LM or encoder, see module docs)."""
+def import_hf_model(model: torch.nn.Module, *, source: str, seq_len: int | None = None, batch: int = 1,
+                    max_context: int | None = None) -> Module:
+    """Trace an instantiated transformers model (causal LM or encoder, see module docs). With
+    ``max_context``, a causal LM becomes ``prefill`` + ``decode`` over a KV cache of that many
+    positions (:mod:`slimgraph.compiler.frontends.hf_generation`)."""
     from slimgraph.compiler.frontends.torch_export import import_torch_module
 
     config = model.config
     causal = is_causal_config({"architectures": config.architectures or [type(model).__name__]})
+    if max_context is not None:
+        return _import_for_generation(model, source=source, causal=causal, seq_len=seq_len, batch=batch,
+                                      max_context=max_context)
     wrapper = HFTracingWrapper(model.eval(), causal)
     inputs = example_inputs(wrapper, seq_len=seq_len, batch=batch, vocab=getattr(config, "vocab_size", 2))
     dims = None if seq_len else {name: {1: "T"} for name in inputs}
@@ -157,10 +163,25 @@ def import_hf_model(model: torch.nn.Module, *, source: str, seq_len: int | None 
                                output_names=[wrapper.output_name])
 
 
-def import_hf_folder(path, *, seq_len: int | None = None, batch: int = 1) -> Module:
+def _import_for_generation(model, *, source: str, causal: bool, seq_len, batch: int, max_context: int) -> Module:
+    from slimgraph.compiler.errors import UsageError
+    from slimgraph.compiler.frontends.hf_generation import import_hf_generation
+
+    if not causal:
+        raise UnsupportedError(f"{source}: {type(model).__name__} is not a causal LM; a KV cache is for "
+                               "text generation (*ForCausalLM / *LMHeadModel)")
+    if seq_len is not None or batch != 1:
+        raise UsageError(f"{source}: a generation build takes prompts of any length at batch 1; "
+                         "drop --shape (the context is set by --kv-cache)")
+    if max_context < 2:
+        raise UsageError(f"{source}: --kv-cache {max_context}: the context must hold at least 2 positions")
+    return import_hf_generation(model, source=source, max_context=max_context)
+
+
+def import_hf_folder(path, *, seq_len: int | None = None, batch: int = 1, max_context: int | None = None) -> Module:
     """Load a Hugging Face folder (config.json + safetensors) and import it as a slimgraph module."""
     model = load_hf_model(path)
-    return import_hf_model(model, source=str(path), seq_len=seq_len, batch=batch)
+    return import_hf_model(model, source=str(path), seq_len=seq_len, batch=batch, max_context=max_context)
 
 
 def load_torch_checkpoint(path) -> dict:

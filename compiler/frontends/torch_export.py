@@ -55,15 +55,21 @@ def import_torch_module(module: torch.nn.Module, example_inputs: tuple | dict, *
     arg_names = _input_names(module, example_inputs)
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, dict) else ((), dict(example_inputs))
     dynamic_shapes = _dynamic_shapes(arg_names, dynamic_dims or {}, max_sizes or {}, isinstance(example_inputs, dict))
+    ep = export_module(module, args, kwargs, dynamic_shapes=dynamic_shapes, source=source)
+    return import_exported_program(ep, source=source, dim_names=dynamic_dims, output_names=output_names)
+
+
+def export_module(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None,
+                  source: str) -> ExportedProgram:
+    """``torch.export.export`` (non-strict, no grad); a failure is one UnsupportedError naming ``source``."""
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(module.eval(), args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch raises many unrelated types here; report them as one
         lines = [line for line in str(exc).splitlines() if line.strip()][:6] or [type(exc).__name__]
         raise UnsupportedError(f"{source}: torch.export could not trace the model: " + "\n  ".join(lines),
                                hint="check that the model runs in eval mode on the example inputs") from None
-    return import_exported_program(ep, source=source, dim_names=dynamic_dims, output_names=output_names)
 
 
 def import_exported_program(ep: ExportedProgram, *, source: str, input_names=None, dim_names=None,

@@ -9,3 +9,4 @@ from slimgraph.compiler.ops.reduction import *  # noqa: F401,F403
 from slimgraph.compiler.ops.layout import *  # noqa: F401,F403
 from slimgraph.compiler.ops.nn import *  # noqa: F401,F403
 from slimgraph.compiler.ops.quantization import *  # noqa: F401,F403
+from slimgraph.compiler.ops.cache import *  # noqa: F401,F403

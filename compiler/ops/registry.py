@@ -25,6 +25,7 @@ class OpCategory(enum.Enum):
     NORMALIZATION = "normalization"  # softmax / layer norm / rms norm: reduce then elementwise
     CONTRACTION = "contraction"   # matmul / conv: the heavy kernels
     SOURCE = "source"             # creates data from attributes only (constant, arange, full)
+    CACHE = "cache"               # reads or writes a key/value cache in place: a kernel of its own, never fused
     CALL = "call"                 # calls another function of the module (fused groups)
 
 
