@@ -19,6 +19,7 @@ from slimgraph.compiler.errors import GenerationError, SamplingOptionError, Unsu
 from slimgraph.compiler.interpreter import run
 from slimgraph.compiler.kv_cache import GENERATION_METADATA, CacheLayout
 from slimgraph.compiler.recipe import recipe_from_flags
+from slimgraph.compiler.types import DType
 from slimgraph.models import testmodels
 
 pytest.importorskip("tvm")
@@ -38,7 +39,7 @@ def hf_greedy(name: str, prompt: list[int], new_tokens: int) -> list[int]:
 def interpreter_greedy(module, prompt: list[int], new_tokens: int) -> list[int]:
     """The generation loop run on the IR with numpy arrays: the reference for compiled builds."""
     layout = CacheLayout.from_json(module.metadata[GENERATION_METADATA])
-    caches = [np.zeros(layout.shape, np.float32) for _ in range(2 * layout.layers)]
+    caches = [np.zeros(layout.shape, DType(layout.dtype).numpy) for _ in range(2 * layout.layers)]
     logits, *caches = run(module, [np.array([prompt]), *caches], function="prefill")
     tokens, length = [], len(prompt)
     for _ in range(new_tokens):
@@ -191,3 +192,33 @@ def test_bad_generation_builds_are_refused(model, options, error, message, tmp_p
     options = {"kv_cache": CONTEXT, **options}
     with pytest.raises(error, match=message):
         compile_model(model, tmp_path / "out", CompileOptions(**options))
+
+
+# ----------------------------------------------------------------------------- the packaged LLM
+SMOLLM2_PROMPTS = ["The capital of France is", "Once upon a time, there was a little", "def fibonacci(n):",
+                   "The three primary colors are", "Water boils at a temperature of"]
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_smollm2_greedy_generation_matches_transformers(tmp_path, capsys):
+    from slimgraph.compiler.frontends.huggingface import load_hf_model
+    from slimgraph.models.registry import resolve_model
+
+    compile_model("smollm2", tmp_path / "smollm2", CompileOptions(kv_cache=256))
+    model = slimgraph.load(tmp_path / "smollm2")
+    tokenizer = model.generator.tokenizer
+    reference = load_hf_model(resolve_model("smollm2").path)
+    for prompt in SMOLLM2_PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        ours = model.generate(ids, max_new_tokens=64).token_ids           # stops at EOS, as transformers does
+        hf_ids = torch.tensor([ids])
+        theirs = reference.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=64,
+                                    do_sample=False)[0, len(ids):].tolist()
+        assert ours == theirs, prompt
+    assert cli_main(["generate", str(tmp_path / "smollm2"), "--prompt", "What is the capital of France?",
+                     "--max-new-tokens", "16", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["prompt_ids"][:3] == tokenizer.apply_chat_template([{"role": "user", "content": "x"}],
+                                                                   add_generation_prompt=True)[:3]
+    assert "Paris" in doc["text"]
