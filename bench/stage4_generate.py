@@ -3,6 +3,7 @@
     python bench/stage4_generate.py setup      # llama-cpp-python from its PyPI source (minutes; benchmark only)
     python bench/stage4_generate.py prepare    # slimgraph artifacts, ONNX exports (into bench/.work/stage4)
     python bench/stage4_generate.py measure    # every tool, one subprocess each -> results JSON, RESULTS.md, PNG
+    python bench/stage4_generate.py measure --only llama.cpp-q4_1   # re-measure some rows, keep today's others
     python bench/stage4_generate.py report F   # RESULTS.md and the PNG again from a results JSON
 
 Every tool does the same work at the same thread count: the same 128-token prompt, greedy
@@ -187,15 +188,18 @@ def run_llama_cpp(ids: list[int]) -> dict:
     llm = Llama(model_path=str(gguf), n_ctx=CONTEXT, n_threads=THREADS, n_threads_batch=THREADS,
                 n_batch=PROMPT_TOKENS, verbose=False)
 
+    def last_argmax() -> int:       # the last position's logits, read in place from llama.cpp
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
     def once():
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [last_argmax()]
         for _ in range(NEW_TOKENS - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(last_argmax())
         return t1 - t0, time.perf_counter() - t1, tokens
 
     result = timed_runs(once)
@@ -243,9 +247,12 @@ def prepare() -> None:
 
 
 def setup() -> None:
-    """llama-cpp-python for the llama.cpp row: built from its PyPI source (several minutes)."""
+    """llama-cpp-python for the llama.cpp row: built from its PyPI source (several minutes). The
+    native build (GGML_NATIVE) enabled AMX kernels here and crashed on the first forward pass, so
+    the instruction sets are named: AVX2, FMA, F16C, AVX-512 (what this machine's CPUs have)."""
+    flags = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-binary", "llama-cpp-python", "llama-cpp-python"],
-                   check=True)
+                   check=True, env={**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", flags)})
 
 
 # ----------------------------------------------------------------------------- measure / report
@@ -260,11 +267,15 @@ def _unavailable(tool: str) -> str | None:
     return None
 
 
-def measure() -> Path:
+def measure(only: list[str] | None = None) -> Path:
+    """Every tool (or only those named, keeping today's other rows from the results file)."""
     from bench.common import machine_description
 
     rows = {}
-    for tool in TOOLS:
+    slug_path = RESULTS_DIR / f"{machine_slug(machine_description())}-{time.strftime('%Y-%m-%d')}.json"
+    if only and slug_path.is_file():
+        rows = json.loads(slug_path.read_text())["rows"]
+    for tool in (only or TOOLS):
         reason = _unavailable(tool)
         if reason is None:
             print(f"measuring {tool} ...", flush=True)
@@ -320,6 +331,8 @@ def main(argv: list[str]) -> None:
         setup()
     elif command == "report":
         report(Path(argv[1]))
+    elif argv[1:2] == ["--only"]:
+        measure(argv[2].split(","))
     else:
         measure()
 
