@@ -95,7 +95,9 @@ def _cache_attention(ctx, args):
     length, scale = ctx.prim(ctx.in_types[3].shape[1]), ctx.node.attr("scale")
     scores = ctx.emit(ctx.builder.call_te(lambda a, b: _scores(a, b, length, scale=scale), stacked, k,
                                           primfunc_name_hint="cache_scores"))
-    masked = ctx.emit(ctx.builder.call_te(lambda s_, m: _masked(s_, m, t=t), scores, mask,
+    # t goes in as an argument: a symbolic T that no kernel buffer shape binds (L = T + past) becomes
+    # a scalar parameter of the kernel instead of a dangling variable of the caller.
+    masked = ctx.emit(ctx.builder.call_te(lambda s_, m, rows: _masked(s_, m, t=rows), scores, mask, t,
                                           primfunc_name_hint="cache_mask"))
     probs = ctx.emit(relax.op.nn.softmax(masked, axis=-1))
     dtype = TVM_DTYPES[ctx.node.type.dtype]

@@ -61,6 +61,11 @@ CASES = [
      {"bits": 4, "group_size": 16, "rows": 40}),                     # ragged last group (40 = 2 x 16 + 8)
     (ops.DEQUANTIZE, [TensorType(DType.u32, (4, "T")), TensorType(DType.f16, (2, "T"))],
      {"bits": 3, "group_size": 32, "rows": 40}),                     # symmetric, 10 codes per word
+    (ops.KV_CACHE_WRITE, [TensorType(F32, (1, 2, 12, 8)), TensorType(F32, (1, 2, "T", 8))],
+     {"end": "T + 3"}),                                               # rows [3, 3 + T) of 12
+    (ops.CACHE_ATTENTION, [TensorType(F32, (1, 4, "T", 8)), TensorType(F32, (1, 2, 12, 8)),
+                           TensorType(F32, (1, 2, 12, 8)), TensorType(I64, (1, "T + 4"))],
+     {"scale": 0.35}),                                                # 2 query heads per cache head, L = T + 4
 ]
 
 UNCOVERED = {ops.CALL}
@@ -82,6 +87,9 @@ def _inputs(types, positive, rng, env, op):
         elif t.dtype is DType.f16:
             arrays.append(rng.uniform(-2.0, 2.0, shape).round().astype(np.float16) if i == 2
                           else rng.uniform(0.01, 0.1, shape).astype(np.float16))
+        elif t.dtype is I64 and op is ops.CACHE_ATTENTION:   # attention mask: padding zeros, position 0 kept
+            arrays.append(np.concatenate([np.ones(shape[:-1] + (1,), np.int64),
+                                          rng.integers(0, 2, shape[:-1] + (shape[-1] - 1,))], axis=-1))
         elif t.dtype is I64:
             bound = 10 if op is ops.TAKE else (8 if op is ops.GATHER_ELEMENTS else 20)
             arrays.append(rng.integers(1 if i else 0, bound, shape).astype(np.int64))
