@@ -4,8 +4,8 @@
   only and stores them at rows ``[end - T, end)`` of the cache argument itself: the call's result
   is the cache tensor passed in, so a decode step writes ``kv_heads * head_dim`` values per layer
   and copies nothing else. ``end`` reaches the kernel as a scalar argument.
-* ``cache_attention`` becomes four kernels: scores ``q k^T * scale`` over the first L cache rows
-  (float32 accumulation), the causal and padding mask, a float32 softmax, and the
+* ``cache_attention`` becomes four kernels: scores ``q k^T`` over the first L cache rows
+  (float32 accumulation), the scale with the causal and padding mask, a float32 softmax, and the
   probability-weighted sum of value rows. The r query heads that share cache head g
   (``h = g * r + s``) are stacked as the r*T query rows of g (a reshape of ``q``), so each cache
   head's K and V are read in place by one batched product, never repeated per query head.
@@ -52,24 +52,24 @@ def _kv_cache_write(ctx, args):
     return relax.call_tir_inplace(gvar, [*args, end], inplace_indices=[0], out_ty=sinfo)
 
 
-def _scores(q, k, length, *, scale: float):
-    """``scale * q k^T`` over the first ``length`` cache rows, in float32, with the query heads that
-    share a cache head stacked as rows (q: ``[B, Hk, r*T, D]``): one reduction with affine indices
-    and no epilogue, the form GPU reduction schedules take."""
+def _scores(q, k, length):
+    """``q k^T`` over the first ``length`` cache rows, in float32, with the query heads that share a
+    cache head stacked as rows (q: ``[B, Hk, r*T, D]``): a plain contraction with affine indices
+    and no epilogue, the form the CPU dot-product and GPU reduction schedules take."""
     batch, kv_heads, rows, d = q.shape
     rd = te.reduce_axis((0, d), name="d")
-    scale = tirx.const(scale, "float32")
     return te.compute((batch, kv_heads, rows, length), lambda b, h, m, j: te.sum(
-        q[b, h, m, rd].astype("float32") * scale * k[b, h, j, rd].astype("float32"), axis=rd), name="cache_scores")
+        q[b, h, m, rd].astype("float32") * k[b, h, j, rd].astype("float32"), axis=rd), name="cache_scores")
 
 
-def _masked(scores, mask, *, t):
-    """-inf where key j comes after the query of row m (position ``L - T + m % T``) or is padding."""
+def _masked(scores, mask, *, t, scale: float):
+    """``scale * scores``, -inf where key j comes after the query of row m (position
+    ``L - T + m % T``) or is padding."""
     length = scores.shape[3]
 
     def element(b, h, m, j):
         keep = tirx.all(j <= length - t + tirx.floormod(m, t), mask[b, j] != tirx.const(0, mask.dtype))
-        return tirx.Select(keep, scores[b, h, m, j], tirx.const(float("-inf"), "float32"))
+        return tirx.Select(keep, scores[b, h, m, j] * tirx.const(scale, "float32"), tirx.const(float("-inf"), "float32"))
 
     return te.compute(scores.shape, element, name="cache_mask")
 
@@ -93,11 +93,11 @@ def _cache_attention(ctx, args):
     kv_heads, rep = kt.shape[1], qt.shape[1] // kt.shape[1]
     stacked = ctx.emit(relax.op.reshape(q, [batch, ctx.prim(kv_heads), t * rep, d]))
     length, scale = ctx.prim(ctx.in_types[3].shape[1]), ctx.node.attr("scale")
-    scores = ctx.emit(ctx.builder.call_te(lambda a, b: _scores(a, b, length, scale=scale), stacked, k,
+    scores = ctx.emit(ctx.builder.call_te(lambda a, b: _scores(a, b, length), stacked, k,
                                           primfunc_name_hint="cache_scores"))
     # t goes in as an argument: a symbolic T that no kernel buffer shape binds (L = T + past) becomes
     # a scalar parameter of the kernel instead of a dangling variable of the caller.
-    masked = ctx.emit(ctx.builder.call_te(lambda s_, m, rows: _masked(s_, m, t=rows), scores, mask, t,
+    masked = ctx.emit(ctx.builder.call_te(lambda s_, m, rows: _masked(s_, m, t=rows, scale=scale), scores, mask, t,
                                           primfunc_name_hint="cache_mask"))
     probs = ctx.emit(relax.op.nn.softmax(masked, axis=-1))
     dtype = TVM_DTYPES[ctx.node.type.dtype]

@@ -77,6 +77,9 @@ class TargetFamily(Protocol):
     def lowering_passes(self, spec: TargetSpec) -> list:
         """The pipeline's passes up to one unscheduled kernel per fused function (for tuning)."""
 
+    def graph_passes(self, spec: TargetSpec) -> list:
+        """slimgraph IR passes this target wants before fusion (weight layouts of its kernels)."""
+
     def default_schedule(self, func, spec: TargetSpec):
         """One kernel as the build schedules it without a tuning database (tuning's baseline)."""
 

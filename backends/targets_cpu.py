@@ -68,6 +68,14 @@ def cpu_lowering_passes(spec: TargetSpec) -> list:
     return lowering_passes(spec.tvm_target())
 
 
+def cpu_graph_passes(spec: TargetSpec) -> list:
+    """Float32 matmul weights as column panels as wide as the GEMM micro tile (``pack_weights``)."""
+    from slimgraph.backends.schedules.cpu import panel_columns
+    from slimgraph.passes.pack_weights import pack_weights_pass
+
+    return [pack_weights_pass(panel_columns(spec.tvm_target()))]
+
+
 class X86Family:
     """x86-64 CPUs; features from this machine's CPU unless ``--mcpu`` names another."""
 
@@ -85,6 +93,7 @@ class X86Family:
 
     relax_pipeline = staticmethod(cpu_pipeline)
     lowering_passes = staticmethod(cpu_lowering_passes)
+    graph_passes = staticmethod(cpu_graph_passes)
     default_schedule = staticmethod(cpu_default_schedule)
 
     def export(self, executable, path: str) -> None:
@@ -142,6 +151,7 @@ class Arm64Family:
 
     relax_pipeline = staticmethod(cpu_pipeline)
     lowering_passes = staticmethod(cpu_lowering_passes)
+    graph_passes = staticmethod(cpu_graph_passes)
     default_schedule = staticmethod(cpu_default_schedule)
 
     def export(self, executable, path: str) -> None:

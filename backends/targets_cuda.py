@@ -107,6 +107,10 @@ class CudaFamily:
 
         return lowering_passes(spec.tvm_target())
 
+    def graph_passes(self, spec) -> list:
+        """None: GPU kernels read the weights in their own layout (GEMV rows, tiled matmuls)."""
+        return []
+
     def default_schedule(self, func, spec):
         from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel
 

@@ -135,10 +135,20 @@ def optimize(module: Module, options: CompileOptions, *, model_path: str | None 
         passes = _compression_pipeline(module, options, model_path)
     if options.fp16 and "half_precision" not in passes:
         passes.insert(passes.index("fuse") if "fuse" in passes else len(passes), "half_precision")
+    if "fuse" in passes:
+        passes[passes.index("fuse"):passes.index("fuse")] = _target_graph_passes(options)
     return run_pipeline(
         module, passes, verify=options.verify,
         print_after=set(options.print_after), dump_dir=options.dump_ir, on_event=on_event,
     )
+
+
+def _target_graph_passes(options: CompileOptions) -> list:
+    """The target's own IR passes (weight layouts of its kernels), run just before fusion."""
+    from slimgraph.backends.targets import family_of, resolve_target
+
+    spec = resolve_target(options.target, options.mcpu, gpu_arch=options.arch, fp16=options.fp16)
+    return family_of(spec).graph_passes(spec)
 
 
 def _compression_pipeline(module: Module, options: CompileOptions, model_path: str | None) -> list:

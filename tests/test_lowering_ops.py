@@ -42,6 +42,7 @@ CASES = [
     (ops.RMS_NORM, [X, ROW], {"eps": 1e-6}),
     (ops.MATMUL, [X, TensorType(F32, (8, 12))], {}),
     (ops.MATMUL, [TensorType(F32, (3, "T", 8)), TensorType(F32, (3, 8, "T"))], {}),
+    (ops.MATMUL, [TensorType(F32, (1, 1, 512)), TensorType(F32, (512, 128))], {}),   # one row: depth split in parts
     (ops.RESHAPE, [X], {"shape": (2, "T", 2, 4)}), (ops.TRANSPOSE, [X], {"perm": (1, 0, 2)}),
     (ops.BROADCAST_TO, [ROW], {"shape": ("T", 8)}),
     (ops.CONCAT, [X, X], {"axis": 1}),
@@ -66,6 +67,9 @@ CASES = [
     (ops.CACHE_ATTENTION, [TensorType(F32, (1, 4, "T", 8)), TensorType(F32, (1, 2, 12, 8)),
                            TensorType(F32, (1, 2, 12, 8)), TensorType(I64, (1, "T + 4"))],
      {"scale": 0.35}),                                                # 2 query heads per cache head, L = T + 4
+    (ops.CACHE_ATTENTION, [TensorType(F32, (1, 6, 1, 32)), TensorType(F32, (1, 2, 48, 32)),
+                           TensorType(F32, (1, 2, 48, 32)), TensorType(I64, (1, "T + 30"))],
+     {"scale": 0.18}),                                                # a decoding step: 3 rows, 35 keys
 ]
 
 UNCOVERED = {ops.CALL}
@@ -115,8 +119,8 @@ def test_op_matches_reference(op, types, attrs):
     attrs = dict(attrs)
     positive = attrs.pop("positive", False) or attrs.pop("positive_var", False)
     b = FunctionBuilder("main", {})
-    if not any("T" in t.symbols() for t in types):
-        types = list(types) + [TensorType(F32, ("T",))]  # binds T for ops that create T-sized data
+    if not any("T" in t.shape for t in types):
+        types = list(types) + [TensorType(F32, ("T",))]  # binds T for ops that create T-sized data or use T + n
     names = [b.param(f"in{i}", t) for i, t in enumerate(types)]
     b.output(b.add(op, names[:op_arity(op, names)], attrs))
     module = Module({"main": b.build()}, {})

@@ -5,6 +5,8 @@ scalar single-threaded loop nests. ``schedule_cpu_module`` gives each PrimFunc
 a deterministic hand-written schedule chosen from its block structure:
 
 * GEMV (one output row): the weights streamed once, dequantized in registers (``_gemv``);
+* a few rows against many k-contiguous rows (decoding attention scores over the KV cache;
+  ``_gemv``);
 * GEMM / batch GEMM with fused prologue and epilogue: packed B panels and a
   register-blocked micro kernel (``_matmul``);
 * row kernels (softmax, layer norm, RMS norm): parallel rows, reductions as
@@ -36,6 +38,11 @@ def _vector_lanes(target: Target, bits: int = 32) -> int:
     return max(width, 128) // bits
 
 
+def panel_columns(target: Target) -> int:
+    """float32 columns of the GEMM micro tile (four vector registers): the panel width of packed weights."""
+    return _vector_lanes(target) * _matmul.NR_VECTORS
+
+
 def _num_cores(target: Target) -> int:
     """Cores the kernels are built for (the target's ``num-cores``, default 1)."""
     return int(target.attrs.get("num-cores", 1))
@@ -53,6 +60,7 @@ def _rules(target: Target, lanes: int):
     return [
         ("quantized_gemv", lambda sch: _quantized_gemv.schedule(sch, lanes, _num_cores(target))),
         ("gemv", gemv),
+        ("row_dots", lambda sch: _gemv.schedule_row_dots(sch, lanes)),
         ("gemm", lambda sch: _matmul.schedule_gemm(sch, lanes, _num_cores(target))),
         ("rows", lambda sch: _generic.schedule_rows(sch, lanes)),
         ("row_reduction", lambda sch: _generic.schedule_row_reduction(sch, target)),

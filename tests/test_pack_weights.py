@@ -1,0 +1,90 @@
+"""pack_weights: float32 matmul weights stored as column panels, read back per reader.
+
+Golden IR after the pass, exact equality with the interpreter, the panel layout itself, weights
+left alone when a reader needs the [K, N] layout, fusion taking the read-back chain into the
+reader's kernel, and the x86 pipeline running the pass with the target's panel width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from golden_util import GraphMaker, assert_golden, llama_block
+from slimgraph.compiler import interpreter, ops
+from slimgraph.compiler.ir import FunctionKind
+from slimgraph.compiler.passmanager import get_pass, make_sample_inputs
+from slimgraph.compiler.printer import print_module
+from slimgraph.compiler.types import DType, TensorType
+from slimgraph.compiler.verifier import verify
+from slimgraph.passes.pack_weights import SUFFIX, pack_weights, to_panels
+
+
+def folded_block():
+    return get_pass("fold_constants").run(llama_block()).module
+
+
+def test_panels_golden_exact_outputs_and_no_mutation():
+    module = folded_block()
+    before = print_module(module)
+    result, changed, stats = pack_weights(module, 4)
+    assert print_module(module) == before
+    verify(result)
+    assert changed and stats["weights_packed"] == 6          # gate, up [8, 16] and down [16, 8] of 2 layers
+    assert_golden("pack_weights/llama_block", print_module(result))
+    inputs = make_sample_inputs(module)
+    for ref, got in zip(interpreter.run(module, inputs), interpreter.run(result, inputs)):
+        np.testing.assert_array_equal(ref, got)               # a layout change: not one bit differs
+    again, changed_again, _ = pack_weights(result, 4)
+    assert not changed_again and print_module(again) == print_module(result)
+
+
+def test_panel_layout():
+    w = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)
+    panels = to_panels(w, 4)
+    assert panels.shape == (2, 3, 4)
+    np.testing.assert_array_equal(panels[1, 2], w[2, 4:8])
+    module = folded_block()
+    result = pack_weights(module, 4).module
+    for name, weight in module.weights.items():
+        if f"{name}{SUFFIX}" in result.weights:
+            np.testing.assert_array_equal(result.weights[f"{name}{SUFFIX}"].array, to_panels(weight.array, 4))
+            assert name not in result.weights
+
+
+def test_weight_with_another_reader_keeps_its_layout():
+    g = GraphMaker()
+    x = g.b.param("x", TensorType(DType.f32, (1, "T", 8)))
+    w = g.weight("w", (8, 16))
+    y = g(ops.MATMUL, x, w, name="y")
+    module = g.module(y, g(ops.MUL, w, g.const(2.0), name="w2"))
+    result, changed, _ = pack_weights(module, 4)
+    assert not changed and "w" in result.weights
+
+
+def test_each_reader_reads_the_panels_inside_its_own_kernel():
+    module = pack_weights(folded_block(), 4).module
+    fused = get_pass("fuse").run(module).module
+    readers = 0
+    for fn in fused.functions.values():
+        if fn.kind is not FunctionKind.FUSED:
+            continue
+        reads_panels = any(ref.endswith(SUFFIX) for n in fn.nodes for ref in n.inputs if ref.startswith("@"))
+        uses = {n.op for n in fn.nodes}
+        if reads_panels or any(p.type.rank == 3 and p.type.shape[2] == 4 for p in fn.params):
+            readers += 1
+            assert uses & {ops.MATMUL, ops.TAKE}, f"@{fn.name} materializes the [K, N] weight: {uses}"
+    assert readers >= 3
+
+
+def test_x86_pipeline_packs_with_the_targets_panel_width():
+    from slimgraph.backends.schedules.cpu import panel_columns
+    from slimgraph.backends.targets import resolve_target
+    from slimgraph.compiler.driver import CompileOptions, load_model, optimize
+
+    columns = panel_columns(resolve_target("x86").tvm_target())
+    module, _ = load_model("tiny-llama")
+    report = optimize(module, CompileOptions(target="x86"))
+    names = [r.name for r in report.records]
+    assert names.index("pack_weights") == names.index("fuse") - 1
+    packed = [w for n, w in report.module.weights.items() if n.endswith(SUFFIX)]
+    assert packed and all(w.type.rank == 3 and w.type.shape[2] == columns for w in packed)
