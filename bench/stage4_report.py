@@ -69,6 +69,39 @@ def memory_lines(data: dict) -> list[str]:
     return out
 
 
+GPU_TARGETS = [("slimgraph-fp16", 1.0), ("slimgraph-int4", 1.5)]   # decode tokens/s over torch.compile fp16
+
+
+def gpu_lines() -> list[str]:
+    """The newest ``bench/results/stage4-cuda-*.json`` (``bench/stage4_cuda.py measure`` on the GPU
+    machine) as a table with its targets; nothing when no GPU run was recorded."""
+    import json
+
+    runs = sorted((BENCH_DIR / "results").glob("stage4-cuda-*.json"))
+    if not runs:
+        return []
+    data = json.loads(runs[-1].read_text())
+    rows = data["rows"]
+    lines = [f"## SmolLM2-135M decoding on the GPU — {data['gpu']}, torch {data['torch']}, {data['date']}", "",
+             f"From `{runs[-1].relative_to(BENCH_DIR.parent).as_posix()}` (`bench/stage4_cuda.py measure`): "
+             f"a {data['prompt_tokens']}-token prompt, then {data['new_tokens']} greedy tokens; random weights of "
+             "SmolLM2's shapes (speed does not depend on their values). Median of 3 runs (min–max).", "",
+             "| tool | decode tokens/s (min–max) |", "|---|---|"]
+    for tool, row in rows.items():
+        lines.append(f"| {tool} | " + (f"not run: {row['not_run']}" if "not_run" in row
+                                       else _cell(row, "decode_tokens_per_s", ".1f")) + " |")
+    lines += ["", "| comparison | ratio | target | met |", "|---|---|---|---|"]
+    base = _median(rows.get("torch-compile-fp16", {"not_run": 1}), "decode_tokens_per_s")
+    for tool, target in GPU_TARGETS:
+        ours = _median(rows.get(tool, {"not_run": 1}), "decode_tokens_per_s")
+        label = f"{tool} decode / torch.compile fp16 decode"
+        if ours is None or base is None:
+            lines.append(f"| {label} | not measured | >= {target} | — |")
+        else:
+            lines.append(f"| {label} | {ours / base:.2f}x | >= {target} | {'yes' if ours / base >= target else 'no'} |")
+    return lines + [""]
+
+
 def write_markdown(data: dict, source: Path) -> Path:
     m = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()))
@@ -99,6 +132,7 @@ def write_markdown(data: dict, source: Path) -> Path:
         "",
         f"![chart]({source.with_suffix('.png').relative_to(BENCH_DIR).as_posix()})",
         "",
+        *gpu_lines(),
     ]
     RESULTS_MD.write_text("\n".join(lines))
     return RESULTS_MD
