@@ -2,9 +2,10 @@
 torch.compile fp16 (transformers, static KV cache), in one run on the GPU machine.
 
     python bench/stage4_cuda.py prepare                      # here: CUDA --kv-cache builds, packed for the device
-    # on the GPU machine, with .device and bench/.work/stage4-cuda carried:
+    # on the GPU machine, with .device (pack-tvm.sh runtime + setup-tvm.sh) and bench/.work/stage4-cuda/bundle carried:
     source .device/setup-tvm.sh; pip install -q --no-deps --no-build-isolation -e .; python3 bench/stage4_cuda.py measure --out $OUT
     python bench/stage4_cuda.py report RESULTS.json          # here: the table again
+    # kept as bench/results/stage4-cuda-<date>.json, it is the GPU section of bench/RESULTS.md
 
 Weights are random (speed does not depend on their values; the GPU machine has no model registry):
 slimgraph's artifacts get random weights of their shapes on the device, torch gets a randomly
@@ -63,7 +64,9 @@ def measure_slimgraph(path: Path, ids: list[int]) -> dict:
     import slimgraph
     from slimgraph.backends.sampling import SamplingOptions
 
-    gen = slimgraph.load(path, verify_hashes=False).generator
+    from slimgraph.backends.generation import TextGenerator
+
+    gen = TextGenerator(slimgraph.load(path, verify_hashes=False))   # token ids in: no tokenizer files travel
     options = SamplingOptions(max_new_tokens=NEW)
 
     def once():
@@ -83,9 +86,10 @@ def measure_torch(config: dict, ids: list[int], compiled: bool) -> dict:
     model = LlamaForCausalLM(LlamaConfig(**config)).to("cuda", torch.float16).eval()
     prompt = torch.tensor([ids], device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
-    if compiled:
-        kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    if compiled:      # generate compiles the forward itself over a static cache (CUDA graphs included)
+        from transformers import CompileConfig
+
+        kwargs.update(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
 
     def run(new):
         torch.cuda.synchronize()
@@ -95,7 +99,10 @@ def measure_torch(config: dict, ids: list[int], compiled: bool) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    return {"decode_tokens_per_s": _timed(lambda: run(NEW) - run(1))}
+    result = {"decode_tokens_per_s": _timed(lambda: run(NEW) - run(1))}
+    if compiled and getattr(model, "_compiled_call", None) is None:
+        raise RuntimeError("generate did not compile the forward pass (it ran eagerly)")
+    return result
 
 
 def measure(out: Path) -> None:
