@@ -20,8 +20,9 @@ multiply-add more. Blocks of the kernel:
 
 ``factor_quantized_gemv`` (a Relax pass of the CPU pipeline, before ops are legalized) puts this
 kernel in place of ``matmul(x, dequantize(words, scales, zeros))`` when x has one row;
-``schedule`` tiles it: parallel over tiles of columns, ``part`` kept in vector registers for one
-chunk at a time, the k steps of a chunk unrolled by P (constant masks, one word load for P steps).
+``schedule`` tiles it: parallel over tiles of columns (and parts of the chunks where the tiles are
+too few), ``part`` kept in vector registers for one chunk at a time, the k steps of a chunk
+unrolled by P (constant masks, one word load for P steps).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tvm.s_tir import Schedule
 
 from . import _prologue
 from ._analysis import root_blocks
-from ._gemv import column_tile, place_epilogue
+from ._gemv import TASKS_PER_CORE, column_tile, place_epilogue
 
 DEQUANTIZE_ATTR = "slimgraph.dequantize"  # {"bits", "group_size"} on the dequantize PrimFunc
 ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
@@ -121,8 +122,25 @@ def _role(sch: Schedule, block) -> str | None:
     return str(value) if value is not None else None
 
 
+def chunk_splits(columns: int, chunks: int, lanes: int, cores: int) -> int:
+    """Parts the chunks are split into so that tiles of 4 vectors (4 independent accumulator
+    chains) give every core TASKS_PER_CORE tasks: the smallest divisor of ``chunks`` that does;
+    1 where the columns are not whole tiles (the tiles are narrowed instead)."""
+    width = 4 * lanes
+    if columns % width:
+        return 1
+    tiles, wanted = columns // width, TASKS_PER_CORE * cores
+    return next((d for d in range(1, chunks + 1) if chunks % d == 0 and tiles * d >= wanted), chunks)
+
+
 def schedule(sch: Schedule, lanes: int, cores: int) -> None:
-    """Schedule a kernel holding the factored product; ValueError for any other kernel."""
+    """Schedule a kernel holding the factored product; ValueError for any other kernel.
+
+    Tiles of columns, one task each. Where the full-width tiles (four accumulator vectors: four
+    independent chains of multiply-adds) are too few for the cores, the chunks are split into
+    parts as well rather than the tiles narrowed to one or two chains (``rfactor``: each task sums
+    its part of the chunks into a partial row, a last vector loop adds the parts and applies the
+    epilogue)."""
     roles = {_role(sch, b): b for b in root_blocks(sch)}
     if "output" not in roles or "partial" not in roles:
         raise ValueError("not a factored quantized product")
@@ -130,22 +148,50 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> None:
     columns = int(sch.get(part).iter_vars[1].dom.extent)
     chunk, per_word = int(sch.get(part).iter_vars[2].dom.extent), int(sch.get(part).annotations[CODES_PER_WORD])
     epi = _prologue.fold_epilogue(sch, out)
-    *spatial, chunks = sch.get_loops(out)
-    tile, lane = sch.split(sch.fuse(*spatial), [None, column_tile(columns, lanes, cores)])
-    sch.reorder(tile, chunks, lane)
-    store = sch.cache_write(out, 0, "local")
-    sch.reverse_compute_at(store, tile, preserve_unit_loops=True)
+    splits = chunk_splits(columns, int(sch.get(out).iter_vars[-1].dom.extent), lanes, cores)
+    if splits > 1:
+        parts, chunks = sch.split(sch.get_loops(out)[-1], [splits, None])
+        product = sch.rfactor(parts, factor_axis=0)
+        *spatial, parts, chunks = sch.get_loops(product)
+        tile, lane = sch.split(sch.fuse(*spatial), [None, 4 * lanes])
+        sch.reorder(parts, tile, chunks, lane)
+        task = sch.fuse(parts, tile)
+    else:
+        product = out
+        *spatial, chunks = sch.get_loops(out)
+        task, lane = sch.split(sch.fuse(*spatial), [None, column_tile(columns, lanes, cores)])
+        sch.reorder(task, chunks, lane)
+    store = sch.cache_write(product, 0, "local")
+    sch.reverse_compute_at(store, task, preserve_unit_loops=True)
     sch.compute_at(part, chunks)
     sch.set_scope(part, 0, "local")
+    words = _unroll_partial(sch, part, chunk, per_word)
+    sch.vectorize(lane)
+    sch.vectorize(sch.fuse(*sch.get_loops(store)[1:]))
+    sch.parallel(task)               # before the reductions are split into init and update blocks
+    sch.decompose_reduction(part, words)
+    sch.decompose_reduction(product, chunks)
+    tile = task if splits == 1 else _sum_parts(sch, out, lanes)
+    if epi is not None:
+        place_epilogue(sch, epi, tile, lanes)
+
+
+def _unroll_partial(sch: Schedule, part, chunk: int, per_word: int):
+    """The chunk's k steps unrolled by the codes of one word, columns as vectors; returns the
+    loop over words."""
     column, step = sch.get_loops(part)[-2:]
     outer, inner = sch.split(step, [None, per_word if chunk % per_word == 0 else chunk])
     sch.reorder(outer, inner, column)
     sch.vectorize(column)
     sch.unroll(inner)
+    return outer
+
+
+def _sum_parts(sch: Schedule, out, lanes: int):
+    """The sum of the partial rows, vectorized over the columns; returns the column loop."""
+    *spatial, parts = sch.get_loops(out)
+    columns, lane = sch.split(sch.fuse(*spatial), [None, lanes])
+    sch.reorder(columns, parts, lane)
     sch.vectorize(lane)
-    sch.vectorize(sch.fuse(*sch.get_loops(store)[1:]))
-    sch.parallel(tile)
-    sch.decompose_reduction(part, outer)
-    sch.decompose_reduction(out, chunks)
-    if epi is not None:
-        place_epilogue(sch, epi, tile, lanes)
+    sch.decompose_reduction(out, parts)
+    return columns
