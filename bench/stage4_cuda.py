@@ -62,9 +62,8 @@ def _timed(run_once):
 
 def measure_slimgraph(path: Path, ids: list[int]) -> dict:
     import slimgraph
-    from slimgraph.backends.sampling import SamplingOptions
-
     from slimgraph.backends.generation import TextGenerator
+    from slimgraph.backends.sampling import SamplingOptions
 
     gen = TextGenerator(slimgraph.load(path, verify_hashes=False))   # token ids in: no tokenizer files travel
     options = SamplingOptions(max_new_tokens=NEW)

@@ -136,7 +136,8 @@ def optimize(module: Module, options: CompileOptions, *, model_path: str | None 
     if options.fp16 and "half_precision" not in passes:
         passes.insert(passes.index("fuse") if "fuse" in passes else len(passes), "half_precision")
     if "fuse" in passes:
-        passes[passes.index("fuse"):passes.index("fuse")] = _target_graph_passes(options)
+        at = passes.index("fuse")
+        passes[at:at] = _target_graph_passes(options)
     return run_pipeline(
         module, passes, verify=options.verify,
         print_after=set(options.print_after), dump_dir=options.dump_ir, on_event=on_event,

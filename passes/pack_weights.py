@@ -86,9 +86,7 @@ def _rewrite(module: Module, fn: Function, weights: dict[str, Weight], packed: d
         for i, ref in enumerate(inputs):
             if ref.startswith("@") and ref[1:] in packed:
                 inputs[i] = _unpacked(rw, packed[ref[1:]], module.weights[ref[1:]].type.shape, node.name)
-        rw.builder.reserved.discard(node.name)
-        rw.nodes[node.name] = Node(node.name, node.op, tuple(inputs), node.attrs, node.type)
-        rw.builder.append_node(rw.nodes[node.name])
+        rw.add(node.op, inputs, dict(node.attrs.items()), name=node.name, type=node.type)
     return rw.finish()
 
 

@@ -37,6 +37,7 @@ MAX_DOT_ROWS = 8  # rows of A the few-row product takes (query heads sharing a c
 DOT_CHUNK = 16  # B rows (cached keys) per task of the few-row product
 K_UNROLL = 8  # k steps per unrolled body of the column product (codes of one 4-bit word)
 TASKS_PER_CORE = 8  # column tiles are narrowed (or the depth split) until each core has this many
+TILE_VECTORS = 4  # vectors of a full-width column tile (independent accumulator chains)
 MIN_SPLIT_ROWS = 64  # rows of a depth part at least
 
 
@@ -79,8 +80,9 @@ def _schedule_dot_products(sch: Schedule, mm: SBlockRV, lanes: int) -> None:
 
 def schedule_row_dots(sch: Schedule, lanes: int) -> None:
     """A few rows against many k-contiguous B rows (decoding attention: the stacked query heads of a
-    cache head against its L cached keys, L symbolic): parallel over chunks of DOT_CHUNK columns; each B row is read once for all of A's rows, each dot product summed in ``lanes``
-    vector partial sums. ValueError where the shape does not fit (then the GEMM rule is tried)."""
+    cache head against its L cached keys, L symbolic): parallel over chunks of DOT_CHUNK columns;
+    each B row is read once for all of A's rows, each dot product summed in ``lanes`` vector partial
+    sums. ValueError where the shape does not fit (then the GEMM rule is tried)."""
     found = find_contraction(sch)
     if found is None or not found[1].b_k_contiguous or found[1].i is None:
         raise ValueError("not a few-row product over a k-contiguous B")
@@ -114,21 +116,27 @@ def column_tile(columns: int | None, lanes: int, cores: int) -> int:
     TASKS_PER_CORE tiles per core; ValueError when the columns are not a multiple of the lanes."""
     if columns is None or columns % lanes:
         raise ValueError(f"{columns} columns are not a multiple of {lanes} lanes")
-    width = 4 * lanes
+    width = TILE_VECTORS * lanes
     while width > lanes and (columns % width or columns // width < TASKS_PER_CORE * cores):
         width //= 2
     return width
 
 
-def depth_splits(columns: int | None, depth: int | None, lanes: int, cores: int) -> int:
-    """Parts the depth is split into so full-width tiles (4 vectors) give every core
-    TASKS_PER_CORE tasks; 1 where the tiles alone do, or no split keeps K_UNROLL-row parts of at
-    least MIN_SPLIT_ROWS rows."""
-    width = 4 * lanes
-    if columns is None or depth is None or columns % width:
+def full_tile_parts(columns: int | None, lanes: int, cores: int) -> int:
+    """Parts each full-width tile must be split into (along the reduction) for every core to get
+    TASKS_PER_CORE tasks; 1 where the tiles alone do or the columns are not whole tiles."""
+    width = TILE_VECTORS * lanes
+    if columns is None or columns % width:
         return 1
-    tiles, wanted = columns // width, TASKS_PER_CORE * cores
-    splits = -(-wanted // tiles)
+    return -(-TASKS_PER_CORE * cores // (columns // width))
+
+
+def depth_splits(columns: int | None, depth: int | None, lanes: int, cores: int) -> int:
+    """Parts the depth is split into (``full_tile_parts``), fewer where they would not keep
+    K_UNROLL-row parts of at least MIN_SPLIT_ROWS rows."""
+    if depth is None:
+        return 1
+    splits = full_tile_parts(columns, lanes, cores)
     while splits > 1 and (depth % (splits * K_UNROLL) or depth // splits < MIN_SPLIT_ROWS):
         splits -= 1
     return splits
@@ -144,7 +152,7 @@ def _schedule_column_product(sch: Schedule, mm: SBlockRV, info, lanes: int, core
     depth = const_extent(block.iter_vars[info.k].dom.extent)
     splits = depth_splits(columns, depth, lanes, cores)
     if splits > 1:
-        _schedule_split_product(sch, mm, splits, 4 * lanes, lanes)
+        _schedule_split_product(sch, mm, splits, TILE_VECTORS * lanes, lanes)
         return
     width = column_tile(columns, lanes, cores)
     epi = _prologue.inline_around(sch, mm)

@@ -35,7 +35,7 @@ from tvm.s_tir import Schedule
 
 from . import _prologue
 from ._analysis import root_blocks
-from ._gemv import TASKS_PER_CORE, column_tile, place_epilogue
+from ._gemv import TILE_VECTORS, column_tile, full_tile_parts, place_epilogue
 
 DEQUANTIZE_ATTR = "slimgraph.dequantize"  # {"bits", "group_size"} on the dequantize PrimFunc
 ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
@@ -123,14 +123,11 @@ def _role(sch: Schedule, block) -> str | None:
 
 
 def chunk_splits(columns: int, chunks: int, lanes: int, cores: int) -> int:
-    """Parts the chunks are split into so that tiles of 4 vectors (4 independent accumulator
-    chains) give every core TASKS_PER_CORE tasks: the smallest divisor of ``chunks`` that does;
-    1 where the columns are not whole tiles (the tiles are narrowed instead)."""
-    width = 4 * lanes
-    if columns % width:
-        return 1
-    tiles, wanted = columns // width, TASKS_PER_CORE * cores
-    return next((d for d in range(1, chunks + 1) if chunks % d == 0 and tiles * d >= wanted), chunks)
+    """Parts the chunks are split into: the smallest divisor of ``chunks`` that reaches
+    ``full_tile_parts`` (all the chunks where none does); 1 where the columns are not whole tiles
+    (the tiles are narrowed instead)."""
+    needed = full_tile_parts(columns, lanes, cores)
+    return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= needed), chunks)
 
 
 def schedule(sch: Schedule, lanes: int, cores: int) -> None:
@@ -153,7 +150,7 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> None:
         parts, chunks = sch.split(sch.get_loops(out)[-1], [splits, None])
         product = sch.rfactor(parts, factor_axis=0)
         *spatial, parts, chunks = sch.get_loops(product)
-        tile, lane = sch.split(sch.fuse(*spatial), [None, 4 * lanes])
+        tile, lane = sch.split(sch.fuse(*spatial), [None, TILE_VECTORS * lanes])
         sch.reorder(parts, tile, chunks, lane)
         task = sch.fuse(parts, tile)
     else:
