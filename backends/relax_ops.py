@@ -293,3 +293,31 @@ def _dequantize(ctx, args):
 
     return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize",
                                primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})
+
+
+@lowering(ops.DYNAMIC_QUANTIZE)
+def _dynamic_quantize(ctx, args):
+    """Two TE blocks (the largest magnitude per block, then the rounded values); the PrimFunc is
+    marked so a one-row product reading it can take the activation codes instead (``_integer_gemv``)."""
+    from tvm import te, tirx
+
+    from slimgraph.backends.schedules._integer_gemv import DYNAMIC_QUANTIZE_ATTR
+
+    bits, block = ctx.node.attr("bits"), ctx.node.attr("block")
+    limit = float((1 << (bits - 1)) - 1)
+
+    def compute(x):
+        *lead, length = x.shape
+        i = te.reduce_axis((0, block), "i")
+        peak = te.compute(tuple(lead) + (length // block,), lambda *idx: te.max(
+            tirx.abs(x[idx[:-1] + (idx[-1] * block + i,)].astype("float32")), axis=i), name="block_max")
+
+        def element(*idx):
+            scale = peak[idx[:-1] + (tirx.floordiv(idx[-1], block),)] / limit
+            rounded = tirx.nearbyint(x[idx].astype("float32") / tirx.Select(scale > 0, scale, tirx.const(1.0, "float32")))
+            return (tirx.max(tirx.min(rounded, limit), -limit) * scale).astype(x.dtype)
+
+        return te.compute(x.shape, element, name="dynamic_quantize")
+
+    return ctx.builder.call_te(compute, *args, primfunc_name_hint="dynamic_quantize",
+                               primfunc_attrs={DYNAMIC_QUANTIZE_ATTR: {"bits": bits, "block": block}})

@@ -43,9 +43,12 @@ NEW_TOKENS = 128
 REPEATS = 3
 CONTEXT = 1024
 MEMORY_STEPS = 512
-SLIMGRAPH_VARIANTS = {"fp32": {}, "int8": {"quantize": "int8", "group_size": 0}, "int4": {"quantize": "int4", "group_size": 128}}
+SLIMGRAPH_VARIANTS = {  # int4-a8: 8-bit activation codes per 32 inputs, as llama.cpp's Q8_1 for its Q4_1 products
+    "fp32": {}, "int8": {"quantize": "int8", "group_size": 0}, "int4": {"quantize": "int4", "group_size": 128},
+    "int4-a8": {"quantize": "int4", "group_size": 128, "activations": "int8"},
+}
 TOOLS = ["torch-eager", "torch-compile", "ort-fp32", "ort-int4", "llama.cpp-q4_1",
-         "slimgraph-fp32", "slimgraph-int8", "slimgraph-int4"]
+         "slimgraph-fp32", "slimgraph-int8", "slimgraph-int4", "slimgraph-int4-a8"]
 
 
 # ----------------------------------------------------------------------------- shared inputs

@@ -71,6 +71,9 @@ def compile_cmd(
     group_size: int = typer.Option(128, "--group-size", help="rows per quantization group (0: per channel)"),
     method: str = typer.Option("rtn", "--method", help="quantizer: rtn, gptq, awq"),
     symmetric: bool = typer.Option(False, "--symmetric", help="symmetric quantization (no zero points)"),
+    quantize_activations: Optional[str] = typer.Option(
+        None, "--quantize-activations", help="int8: round quantized matmuls' inputs to 8-bit codes per block of 32 "
+        "at run time (integer dot products on CPUs with AVX-512 VNNI)"),
     prune: Optional[float] = typer.Option(None, "--prune", help="unstructured sparsity, e.g. 0.5"),
     prune_method: str = typer.Option("magnitude", "--prune-method", help="magnitude, wanda, sparsegpt"),
     prune_n_m: Optional[str] = typer.Option(None, "--prune-n-m", help="N:M sparsity, e.g. 2:4"),
@@ -92,7 +95,7 @@ def compile_cmd(
                        symmetric=symmetric, prune=prune, prune_method=prune_method, prune_n_m=prune_n_m,
                        prune_ffn=prune_ffn, lowrank=lowrank, lowrank_method=lowrank_method,
                        lowrank_energy=lowrank_energy, calib=calib, calib_samples=calib_samples,
-                       calib_seq_len=calib_seq_len)
+                       calib_seq_len=calib_seq_len, activations=quantize_activations)
     _guarded(as_json, run_compile, model=model, output=output, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
              passes=passes,
              shape=shape, dump_ir=dump_ir, print_after=print_after, verify=verify, schedule=not no_schedule,
@@ -114,6 +117,8 @@ def tune_cmd(
     group_size: int = typer.Option(128, "--group-size", help="rows per quantization group (0: per channel)"),
     method: str = typer.Option("rtn", "--method", help="quantizer: rtn, gptq, awq"),
     symmetric: bool = typer.Option(False, "--symmetric", help="symmetric quantization"),
+    quantize_activations: Optional[str] = typer.Option(None, "--quantize-activations",
+                                                       help="int8: 8-bit matmul inputs, as for compile"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="measure on devices of this TVM RPC tracker, HOST:PORT"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key the RPC servers registered with"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -122,7 +127,7 @@ def tune_cmd(
     from slimgraph.compiler.cli_commands import run_tune
 
     compression = dict(recipe_file=recipe, quantize=quantize, group_size=group_size, method=method,
-                       symmetric=symmetric)
+                       symmetric=symmetric, activations=quantize_activations)
     _guarded(as_json, run_tune, model=model, db=db, trials=trials, target=target, mcpu=mcpu, arch=arch, fp16=fp16,
              shape=shape, compression=compression, rpc_tracker=rpc_tracker, rpc_key=rpc_key, as_json=as_json)
 

@@ -23,6 +23,8 @@ A recipe comes from CLI flags or a TOML file::
     bits = 4
     group_size = 128             # 0 = per output channel
     symmetric = false
+    activations = "int8"         # optional: also round each quantized matmul's input to 8-bit codes,
+                                 # one run-time scale per activation_block (32) values (default "float")
     awq_clip = true              # AWQ: also search each group's clipping range (never for queries and
                                  # keys, never raising the error of the peak-activation rows)
 
@@ -55,6 +57,9 @@ def _check(ok: bool, message: str) -> None:
         raise CompressionOptionError(message)
 
 
+ACTIVATION_FORMATS = ("float", "int8")
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     method: str = "rtn"
@@ -64,6 +69,8 @@ class QuantizeSettings:
     damp: float = 0.01
     act_order: bool = True
     awq_clip: bool = True           # AWQ's per-group range (clip) search after the scale search
+    activations: str = "float"      # "int8": matmul inputs rounded per block at run time (dynamic_quantize)
+    activation_block: int = 32      # values of a matmul input sharing one run-time scale
 
     def __post_init__(self):
         _check(self.method in ("rtn", "gptq", "awq"), f"unknown quantization method {self.method!r} (rtn, gptq, awq)")
@@ -71,6 +78,9 @@ class QuantizeSettings:
         _check(self.group_size is None or self.group_size >= 8,
                f"--group-size must be at least 8 (or 0 for per channel), got {self.group_size}")
         _check(0 < self.damp < 1, f"GPTQ damping must be in (0, 1), got {self.damp}")
+        _check(self.activations in ACTIVATION_FORMATS,
+               f"--quantize-activations must be one of {', '.join(ACTIVATION_FORMATS)}, got {self.activations!r}")
+        _check(self.activation_block >= 4, f"activation_block must be at least 4, got {self.activation_block}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -266,7 +276,7 @@ def recipe_from_flags(*, recipe_file: str | Path | None = None, quantize: str | 
                       prune: float | None = None, prune_method: str = "magnitude", prune_n_m: str | None = None,
                       prune_ffn: float | None = None, lowrank: float | None = None, lowrank_method: str = "svd",
                       lowrank_energy: float | None = None, calib: str | None = None, calib_samples: int | None = None,
-                      calib_seq_len: int | None = None) -> Recipe:
+                      calib_seq_len: int | None = None, activations: str | None = None) -> Recipe:
     """A recipe from ``slimgraph compile`` flags. A step's flags override the settings they name in
     the file's global section; its other settings (``awq_clip``, ``damp``, ...) stay the file's."""
     base = recipe_from_toml(recipe_file) if recipe_file else Recipe()
@@ -278,6 +288,10 @@ def recipe_from_flags(*, recipe_file: str | Path | None = None, quantize: str | 
     if quantize is not None:
         merge("quantize", {"method": method, "bits": _bits(quantize), "group_size": group_size,
                            "symmetric": symmetric}, "--quantize")
+    if activations is not None:
+        _check("quantize" in steps, "--quantize-activations needs quantized weights (--quantize or a [quantize] "
+                                    "step in the recipe)")
+        merge("quantize", {"activations": activations}, "--quantize-activations")
     if prune is not None or prune_n_m is not None:
         values = {"method": prune_method, "sparsity": prune if prune is not None else 0.5, "n_m": prune_n_m}
         merge("prune", values, "--prune")

@@ -6,8 +6,8 @@ groups convex (no path leaves a group and comes back), so calling each group at 
 its root keeps the entry topologically ordered. Groups are built greedily in three phases:
 
 1. **Anchors**, in program order. A CONTRACTION (matmul, conv2d) takes a *prologue*: producers of
-   its operands that are elementwise ops, transpose, reshape, broadcast_to or dequantize, used only inside the
-   group (recursively). A REDUCTION/NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm,
+   its operands that are elementwise ops, transpose, reshape, broadcast_to, dequantize or dynamic_quantize,
+   used only inside the group (recursively). A REDUCTION/NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm,
    rms_norm, pooling) takes an elementwise-only prologue (the scale and mask add before softmax).
    Then both take an *epilogue*: while the root has a single user that is elementwise and
    unclaimed, it joins and becomes the root (bias add, activation, residual add; ``silu(x@Wg) *
@@ -42,7 +42,8 @@ ANCHOR_CATEGORIES = (OpCategory.CONTRACTION, OpCategory.REDUCTION, OpCategory.NO
 SCANS = frozenset({ops.CUMSUM})
 UNFUSED = (OpCategory.SOURCE, OpCategory.CALL, OpCategory.CACHE)  # cache ops run in place, alone
 INJECTIVE = (OpCategory.ELEMENTWISE, OpCategory.LAYOUT)
-CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.DEQUANTIZE})
+CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.DEQUANTIZE,
+                                         ops.DYNAMIC_QUANTIZE})
 
 
 @dataclass

@@ -5,6 +5,11 @@ Each chosen layer ``matmul(x, @W)`` (W: [K, N] float32) becomes::
     matmul(x, dequantize(@W.qweight, @W.scales[, @W.zeros]))          (RTN, GPTQ)
     matmul(mul(x, @W.awq_inv_scale), dequantize(...))                 (AWQ: x/s times Q(s W))
 
+and, with ``activations = "int8"``, x is rounded to 8-bit codes first (``dynamic_quantize``, one
+run-time scale per ``activation_block`` values of each row; layers whose K is not a multiple of
+the block keep float inputs, reported per layer), so CPUs with 8-bit dot products multiply codes
+by codes in integers.
+
 with the codes packed into uint32 words and float16 group scales (see
 :mod:`slimgraph.passes.quant_format`). Fusion later puts ``dequantize`` (and the AWQ scaling of
 x) into the matmul's kernel, so the float matrix never exists at run time. A token embedding
@@ -57,6 +62,7 @@ class QuantizedWeight:
     group: int
     inv_scale: str | None = None       # AWQ: 1/s per input channel, [K]
     inv_scale_column: str | None = None  # the same as [K, 1, ...] for gathered columns
+    activation_block: int | None = None  # matmul inputs rounded to 8-bit codes per block of this many values
 
     def _dequantize(self, rw: Rewriter, inputs: list, name: str) -> str:
         attrs = {"bits": self.spec.bits, "group_size": self.group, "rows": self.rows}
@@ -68,6 +74,9 @@ class QuantizedWeight:
     def matmul(self, rw: Rewriter, node: Node, x: str) -> str:
         if self.inv_scale is not None:
             x = rw.add(ops.MUL, [x, self.inv_scale], name=f"{node.name}_awq_input")
+        if self.activation_block is not None:
+            x = rw.add(ops.DYNAMIC_QUANTIZE, [x], {"bits": 8, "block": self.activation_block},
+                       name=f"{node.name}_input_codes")
         w = self._dequantize(rw, self._packed(), f"{node.name}_weight")
         return rw.add(ops.MATMUL, [x, w], name=node.name)
 
@@ -181,7 +190,8 @@ class QuantizePass:
             names = ", ".join(layer.name for layer in layers)
             raise CompressionError(f"cannot quantize layer(s) {names} ({settings.method}, {settings.bits} bits): {exc}") from None
         for layer, w, q in zip(layers, ws, matrices):
-            replacements[layer.weight] = _store(weights, layer, q, scale)
+            replacements[layer.weight] = replace(_store(weights, layer, q, scale),
+                                                 activation_block=_activation_block(layer, settings))
             w_hat = q.dequantize() if scale is None else q.dequantize() / scale[:, None]
             sample = None if layer_stats is None else layer_stats.sample
             sqnr = None if sample is None or not len(sample) else output_sqnr_db(sample, w, w_hat)
@@ -230,9 +240,20 @@ def _store(weights: dict, layer: LinearLayer, q: QuantizedMatrix, scale: np.ndar
     return QuantizedWeight(words, scales, zeros, q.spec, layer.k, q.group_size, inv, column)
 
 
+def _activation_block(layer: LinearLayer, settings: QuantizeSettings) -> int | None:
+    """The block of the layer's 8-bit inputs, or None (float inputs)."""
+    if settings.activations != "int8" or layer.k % settings.activation_block:
+        return None
+    return settings.activation_block
+
+
 def _row(layer: LinearLayer, settings: QuantizeSettings, q: QuantizedMatrix, sqnr) -> dict:
     extra = {"bits": settings.bits, "group_size": q.group_size, "symmetric": settings.symmetric,
              "bytes_before": layer.params * 4, "bytes_after": q.storage_bytes}
+    if settings.activations != "float":
+        block = _activation_block(layer, settings)
+        extra["activations"] = (f"{settings.activations}, block {block}" if block is not None else
+                                f"float (K={layer.k} is not a multiple of block {settings.activation_block})")
     if layer.k % q.group_size:
         extra["fallback"] = f"K={layer.k} is not a multiple of group {q.group_size}: last group has {layer.k % q.group_size} rows"
     return layer_row(layer, f"{settings.method}-{q.spec.label()}", layer.params, sqnr, **extra)

@@ -55,6 +55,10 @@ CASES = {
     "npz without the model's inputs": (npz_without_inputs, 3, "SG-210", ["calib.npz", "input_ids"]),
     "recipe naming no layer": (recipe_with_unknown_layer, 2, "SG-107", ["model.nowhere.*"]),
     "recipe with an unknown setting": (recipe_with_unknown_setting, 2, "SG-106", ["flavour"]),
+    "unknown activation format": (["--quantize", "int4", "--quantize-activations", "int4"], 2, "SG-106",
+                                  ["--quantize-activations", "int4"]),
+    "activation codes without quantized weights": (["--quantize-activations", "int8"], 2, "SG-106",
+                                                   ["--quantize-activations", "--quantize"]),
 }
 
 

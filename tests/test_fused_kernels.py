@@ -113,6 +113,19 @@ def int4_down_add(b, p):
     return b.add(ops.ADD, [b.add(ops.MATMUL, [p[0], weights]), p[4]])
 
 
+def int4_codes_add(b, p):
+    """int4 weights times 8-bit activation codes (one scale per 32 inputs), then a residual add."""
+    weights = b.add(ops.DEQUANTIZE, [p[1], p[2], p[3]], {"bits": 4, "group_size": 128, "rows": 576})
+    codes = b.add(ops.DYNAMIC_QUANTIZE, [p[0]], {"bits": 8, "block": 32})
+    return b.add(ops.ADD, [b.add(ops.MATMUL, [codes, weights]), p[4]])
+
+
+def int8_codes_down(b, p):
+    """Symmetric per-channel int8 weights (four codes a word, no zero points) times 8-bit codes."""
+    weights = b.add(ops.DEQUANTIZE, [p[1], p[2]], {"bits": 8, "group_size": 1536, "rows": 1536})
+    return b.add(ops.MATMUL, [b.add(ops.DYNAMIC_QUANTIZE, [p[0]], {"bits": 8, "block": 32}), weights])
+
+
 def linear_add(b, p):
     return b.add(ops.ADD, [b.add(ops.MATMUL, [p[0], p[1]]), p[2]])
 
@@ -128,16 +141,37 @@ ONE_ROW_CASES = {  # name -> (body, parameter types, CPU schedule rule)
     "int4_down_add": (int4_down_add, [t(F32, 1, 1, 1536), t(DType.u32, 192, 576), t(DType.f16, 12, 576),
                                       t(DType.f16, 12, 576), t(F32, 1, 1, 576)], "quantized_gemv"),
     "linear_down_add": (linear_add, [t(F32, 1, 1, 1536), t(F32, 1536, 576), t(F32, 1, 1, 576)], "gemv"),
+    "int4_codes_add": (int4_codes_add, [t(F32, 1, 1, 576), t(DType.u32, 72, 320), t(DType.f16, 5, 320),
+                                        t(DType.f16, 5, 320), t(F32, 1, 1, 320)], "quantized_gemv"),
+    "int8_codes_down": (int8_codes_down, [t(F32, 1, 1, 1536), t(DType.u32, 384, 576), t(DType.f16, 1, 576)],
+                        "quantized_gemv"),
 }
-SPLIT_DEPTH = {"int4_linear_add", "int4_down_add", "linear_down_add"}  # too few full-width tiles for 2 cores
+SPLIT_DEPTH = {"int4_linear_add", "int4_down_add", "linear_down_add",  # too few full-width tiles for 2 cores
+               "int4_codes_add", "int8_codes_down"}
+INTEGER_CASES = {"int4_codes_add", "int8_codes_down"}   # 8-bit activation codes
 
 
 def one_row_sample(ty, rng):
     if ty.dtype is DType.u32:
         return rng.integers(0, 2**32, ty.concrete({}), dtype=np.uint64).astype(np.uint32)
     if ty.dtype is DType.f16:
-        return (rng.random(ty.concrete({})) * (0.02 if ty.shape[0] in (5, 12) else 15)).astype(np.float16)
+        return (rng.random(ty.concrete({})) * (0.02 if ty.shape[0] in (1, 5, 12) else 15)).astype(np.float16)
     return rng.standard_normal(ty.concrete({})).astype(np.float32)
+
+
+def scheduled_kernel(module):
+    """(target spec, TVM target, the module's one kernel with its default x86 schedule, the rule's name)."""
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import cpu
+    from slimgraph.backends.targets import resolve_target
+
+    spec = resolve_target("x86")
+    target = spec.tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        kernels = tvm.transform.Sequential(cpu.lowering_passes(target))(lower_to_relax(module).ir_module)
+        (func,) = [f for _, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        scheduled, rule = cpu.schedule_prim_func(func, target)
+    return spec, target, scheduled, rule
 
 
 @pytest.mark.parametrize("case", sorted(ONE_ROW_CASES))
@@ -147,22 +181,20 @@ def test_one_row_products_stream_the_weights(case):
     per-chunk partial sums in registers; both match the interpreter."""
     from slimgraph.backends.build import build_executable
     from slimgraph.backends.relax_lowering import lower_to_relax
-    from slimgraph.backends.schedules import cpu
-    from slimgraph.backends.targets import resolve_target
+    from tvm.target import codegen
 
     body, types, expected_rule = ONE_ROW_CASES[case]
     module = fused_module(body, types)
-    spec = resolve_target("x86")
-    target = spec.tvm_target()
-    with target, tvm.transform.PassContext(opt_level=3):
-        kernels = tvm.transform.Sequential(cpu.lowering_passes(target))(lower_to_relax(module).ir_module)
-        (func,) = [f for _, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-        scheduled, rule = cpu.schedule_prim_func(func, target)
+    spec, target, scheduled, rule = scheduled_kernel(module)
     script = scheduled.script()
     assert rule == expected_rule
     assert "_pad" not in script and "dequantize" not in script
     if case == "int4_linear_add":
         assert 'part_local = T.sblock_alloc_buffer((T.int64(9), T.int64(320)), scope="local")' in script
+    if case in INTEGER_CASES and codegen.target_has_features("avx512vnni", target):
+        # the integer kernel: int32 partial sums per 32 rows, vpdpbusd in place of the inner loops
+        assert 'part_local = T.sblock_alloc_buffer((T.int64(' in script and '"int32", scope="local")' in script
+        assert "call_llvm_pure_intrin" in script and "xq" not in script
     if spec.num_cores == 2:
         assert ("_rf" in script) == (case in SPLIT_DEPTH)
     vm = tvm.relax.VirtualMachine(build_executable(lower_to_relax(module), spec), tvm.cpu())
@@ -170,3 +202,25 @@ def test_one_row_products_stream_the_weights(case):
     expected = run(module, arrays)[0]
     got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_activation_codes_feed_the_prompt_gemm():
+    """Many rows of 8-bit activation codes times int4 weights: the per-block maxima stay a loop
+    nest before the GEMM, whose packed A copy rounds the values; the result matches the
+    interpreter at every T."""
+    from slimgraph.backends.build import build_executable
+    from slimgraph.backends.relax_lowering import lower_to_relax
+
+    types = [t(F32, 1, "T", 576), t(DType.u32, 72, 320), t(DType.f16, 5, 320), t(DType.f16, 5, 320),
+             t(F32, 1, "T", 320)]
+    module = fused_module(int4_codes_add, types)
+    spec, _, _, rule = scheduled_kernel(module)
+    assert rule == "gemm"
+    vm = tvm.relax.VirtualMachine(build_executable(lower_to_relax(module), spec), tvm.cpu())
+    rng = np.random.default_rng(0)
+    for T in (1, 7, 33):
+        arrays = [one_row_sample(ty, rng) if ty.dtype is not F32 else sample(ty, T, rng) for ty in types]
+        expected = run(module, arrays)[0]
+        got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()),
+                                   err_msg=f"T={T}")

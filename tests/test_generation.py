@@ -120,8 +120,12 @@ def test_decode_writes_the_caches_in_place(artifacts):
     assert [c.data_ptr() for c in gen.caches] == before
 
 
-def test_quantized_generation_matches_the_interpreter(tmp_path):
-    options = CompileOptions(kv_cache=CONTEXT, recipe=recipe_from_flags(quantize="int4", group_size=32))
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_quantized_generation_matches_the_interpreter(tmp_path, activations):
+    """int4 weights, with float inputs to the products or 8-bit ones (the integer kernels on CPUs
+    with VNNI, where decode's one-row products multiply codes by codes)."""
+    options = CompileOptions(kv_cache=CONTEXT, recipe=recipe_from_flags(quantize="int4", group_size=32,
+                                                                          activations=activations))
     compile_model("tiny-llama", tmp_path / "q4", options)
     module, _ = load_model("tiny-llama", max_context=CONTEXT)
     reference = optimize(module, options).module

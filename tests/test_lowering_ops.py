@@ -62,6 +62,7 @@ CASES = [
      {"bits": 4, "group_size": 16, "rows": 40}),                     # ragged last group (40 = 2 x 16 + 8)
     (ops.DEQUANTIZE, [TensorType(DType.u32, (4, "T")), TensorType(DType.f16, (2, "T"))],
      {"bits": 3, "group_size": 32, "rows": 40}),                     # symmetric, 10 codes per word
+    (ops.DYNAMIC_QUANTIZE, [TensorType(F32, (1, "T", 96))], {"bits": 8, "block": 32}),  # 3 blocks a row
     (ops.KV_CACHE_WRITE, [TensorType(F32, (1, 2, 12, 8)), TensorType(F32, (1, 2, "T", 8))],
      {"end": "T + 3"}),                                               # rows [3, 3 + T) of 12
     (ops.CACHE_ATTENTION, [TensorType(F32, (1, 4, "T", 8)), TensorType(F32, (1, 2, 12, 8)),

@@ -88,3 +88,26 @@ def test_x86_pipeline_packs_with_the_targets_panel_width():
     assert names.index("pack_weights") == names.index("fuse") - 1
     packed = [w for n, w in report.module.weights.items() if n.endswith(SUFFIX)]
     assert packed and all(w.type.rank == 3 and w.type.shape[2] == columns for w in packed)
+
+
+def test_quantized_words_become_panels_and_outputs_stay_exact():
+    """The packed words of int4 weights (u32 [K/8, N], read by dequantize) are stored as panels like
+    float weights; their scales and zero points keep their layout; not one output bit changes."""
+    from slimgraph.compiler.recipe import QuantizeSettings, Recipe
+    from slimgraph.passes._compress import CompressionContext
+    from slimgraph.passes.quantize import quantize_pass
+
+    context = CompressionContext(Recipe({"quantize": QuantizeSettings("rtn", 4, 8)}), None)
+    quantized = quantize_pass(context).run(folded_block()).module
+    result, changed, stats = pack_weights(quantized, 4)
+    verify(result)
+    packed = {name[: -len(SUFFIX)] for name in result.weights if name.endswith(SUFFIX)}
+    assert changed and packed and all(name.endswith(".qweight") for name in packed)
+    assert not any(name.endswith((".scales", ".zeros")) for name in packed)
+    for name in packed:
+        words = quantized.weights[name]
+        assert words.type.dtype is DType.u32 and name not in result.weights
+        np.testing.assert_array_equal(result.weights[f"{name}{SUFFIX}"].array, to_panels(words.array, 4))
+    inputs = make_sample_inputs(quantized)
+    for ref, got in zip(interpreter.run(quantized, inputs), interpreter.run(result, inputs)):
+        np.testing.assert_array_equal(ref, got)

@@ -39,12 +39,15 @@ MIN_DEPTH = 4  # shorter reductions, e.g. an outer product, use the generic sche
 
 
 def find_contraction(sch: Schedule) -> tuple[SBlockRV, Contraction] | None:
-    """The single contraction block of the function (all others injective)."""
+    """The single contraction block of the function. The others are injective, or reductions
+    before it that its prologue reads (the block maxima of ``dynamic_quantize``)."""
     found = None
     for block in root_blocks(sch):
         if not is_reduction(sch, block):
             continue
         info = analyze_contraction(sch.get(block))
+        if info is None and found is None:
+            continue
         if info is None or found is not None:
             return None
         found = (block, info)
@@ -117,6 +120,7 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     if depth is not None and depth < MIN_DEPTH:
         raise ValueError(f"reduction depth {depth} too short for the register-blocked GEMM")
     operands = _prologue.materialize_operands(sch, mm)
+    _parallel_prologue_reductions(sch, mm)
     epi = _prologue.fold_epilogue(sch, mm)
     n = const_extent(sch.get(mm).iter_vars[info.j].dom.extent)
     nr, nb = _pick_tiles(n, lanes)
@@ -151,6 +155,17 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
         sch.unroll(ii)
     sch.vectorize(ji)
     sch.decompose_reduction(mm, k)
+
+
+def _parallel_prologue_reductions(sch: Schedule, mm: SBlockRV) -> None:
+    """Reductions the prologue reads (the block maxima of ``dynamic_quantize``, one per 32 values of
+    A) run before the product, in parallel over their outputs."""
+    blocks = root_blocks(sch)
+    for block in blocks[:_prologue.position(sch, blocks, mm)]:
+        if is_reduction(sch, block):
+            kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+            spatial = [loop for loop, kind in zip(sch.get_loops(block), kinds) if kind == tirx.IterVar.DataPar]
+            sch.parallel(sch.fuse(*spatial))
 
 
 def _row_parts(sch: Schedule, mm: SBlockRV, info: Contraction, n: int | None, nb: int, cores: int) -> int:

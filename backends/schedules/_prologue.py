@@ -13,16 +13,18 @@ folded into its last block, which stores each finished micro tile.
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
-from ._analysis import root_blocks
+from ._analysis import is_reduction, root_blocks
 
 
 def inline_around(sch: Schedule, mm: SBlockRV) -> SBlockRV | None:
-    """Inline prologue blocks into the matmul and fold the epilogue chain into
-    its last block. Returns the epilogue block (None when there is none)."""
+    """Inline prologue blocks into the matmul (prologue reductions stay loop nests of their own)
+    and fold the epilogue chain into its last block. Returns the epilogue block (None when there
+    is none)."""
     blocks = root_blocks(sch)
     pos = position(sch, blocks, mm)
     for block in blocks[:pos]:
-        sch.compute_inline(block)
+        if not is_reduction(sch, block):
+            sch.compute_inline(block)
     return fold_epilogue(sch, mm)
 
 
@@ -43,15 +45,21 @@ def fold_epilogue(sch: Schedule, mm: SBlockRV) -> SBlockRV | None:
 def materialize_operands(sch: Schedule, mm: SBlockRV) -> list:
     """Keep the matmul's direct producer blocks (one per computed operand) and inline every
     other prologue block into its consumers, so each operand is one element-wise block.
+    A prologue reduction (the per-block maxima of ``dynamic_quantize``) cannot be inlined: it
+    stays a loop nest of its own before the product, computed once.
     Returns the kept blocks; ``inline_into_copies`` / ``fill_pack`` later move them into
     the operand copies."""
     blocks = root_blocks(sch)
     pos = position(sch, blocks, mm)
     operands = list(sch.get_producers(mm))
     for block in blocks[:pos]:
-        if not any(sch.get(block).same_as(sch.get(op)) for op in operands):
-            sch.compute_inline(block)
+        if any(sch.get(block).same_as(sch.get(op)) for op in operands):
+            continue
+        if is_reduction(sch, block):
+            continue
+        sch.compute_inline(block)
     return operands
+
 
 
 def inline_into_copies(sch: Schedule, mm: SBlockRV, operands: list) -> None:

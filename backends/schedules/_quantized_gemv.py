@@ -19,7 +19,9 @@ multiply-add more. Blocks of the kernel:
 * ``y[n] = sum_c s[c, n] * (part[c, n] - z[c, n] * xs[c])``, then the fused epilogue.
 
 ``factor_quantized_gemv`` (a Relax pass of the CPU pipeline, before ops are legalized) puts this
-kernel in place of ``matmul(x, dequantize(words, scales, zeros))`` when x has one row;
+kernel in place of ``matmul(x, dequantize(words, scales, zeros))`` when x has one row -- or, on a
+CPU with 8-bit dot products and x from ``dynamic_quantize``, the integer kernel of
+``_integer_gemv``;
 ``schedule`` tiles it: parallel over tiles of columns (and parts of the chunks where the tiles are
 too few), ``part`` kept in vector registers for one chunk at a time, the k steps of a chunk
 unrolled by P (constant masks, one word load for P steps).
@@ -33,7 +35,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from . import _prologue
+from . import _integer_gemv, _prologue
 from ._analysis import root_blocks
 from ._gemv import TILE_VECTORS, column_tile, full_tile_parts, place_epilogue
 
@@ -53,9 +55,10 @@ def _factored_product(x, words, scales, *zeros, bits: int, group: int, rows: int
     chunk = math.gcd(rows, group)
     lead = (0,) * (len(x.shape) - 1)
     xq = te.compute((rows,), lambda k: x[lead + (k,)] * tirx.exp2(
-        tirx.Cast("float32", tirx.floormod(k, per_word) * -bits)), name="xq")
+        tirx.Cast("float32", tirx.floormod(k, per_word) * -bits)), name="xq", attrs={ROLE: "activation"})
     i = te.reduce_axis((0, chunk), "i")
-    xs = te.compute((rows // chunk,), lambda c: te.sum(x[lead + (c * chunk + i,)], axis=i), name="xs")
+    xs = te.compute((rows // chunk,), lambda c: te.sum(x[lead + (c * chunk + i,)], axis=i), name="xs",
+                    attrs={ROLE: "activation"})
 
     def code(k, n):
         mask = tirx.shift_left(tirx.const((1 << bits) - 1, "uint32"), tirx.Cast("uint32", tirx.floormod(k, per_word) * bits))
@@ -82,11 +85,22 @@ def _one_row(ty) -> bool:
     return all(d == 1 for d in dims)
 
 
+def _producer_spec(factorer, value, attr: str):
+    """(the call_tir producing ``value``, its PrimFunc's ``attr``) -- or None when another op made it."""
+    producer = factorer.lookup_binding(value) if isinstance(value, relax.Var) else None
+    if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
+        return None
+    attrs = factorer.mod_[producer.args[0]].attrs
+    spec = attrs.get(attr) if attrs is not None else None
+    return None if spec is None else (producer, spec)
+
+
 @relax.expr_functor.mutator
 class _Factorer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, integer_dot: bool):
         super().__init__(mod)
         self.mod_ = mod
+        self.integer_dot = integer_dot
 
     def visit_call_(self, call):
         factored = self._factored(call)
@@ -95,26 +109,35 @@ class _Factorer(relax.PyExprMutator):
     def _factored(self, call):
         if call.op != tvm.ir.Op.get("relax.matmul") or not _one_row(call.args[0].ty):
             return None
-        producer = self.lookup_binding(call.args[1]) if isinstance(call.args[1], relax.Var) else None
-        if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
+        weight = _producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
+        if weight is None:
             return None
-        attrs = self.mod_[producer.args[0]].attrs
-        spec = attrs.get(DEQUANTIZE_ATTR) if attrs is not None else None
-        if spec is None:
-            return None
-        rows = int(call.args[1].ty.shape.values[0])
-        return self.builder_.call_te(_factored_product, call.args[0], *producer.args[1].fields, bits=int(spec["bits"]),
-                                     group=int(spec["group_size"]), rows=rows, primfunc_name_hint="quantized_gemv")
+        fields, spec = weight[0].args[1].fields, weight[1]
+        bits, group = int(spec["bits"]), int(spec["group_size"])
+        rows, columns = (int(d) for d in call.args[1].ty.shape.values)
+        quantized = _producer_spec(self, call.args[0], _integer_gemv.DYNAMIC_QUANTIZE_ATTR) if self.integer_dot else None
+        if quantized is not None and _integer_gemv.supports(bits, group, rows, columns, int(quantized[1]["block"])):
+            return self.builder_.call_te(_integer_gemv.integer_product, quantized[0].args[1].fields[0], *fields,
+                                         bits=bits, group=group, rows=rows, block=int(quantized[1]["block"]),
+                                         primfunc_name_hint="integer_gemv")
+        return self.builder_.call_te(_factored_product, call.args[0], *fields, bits=bits, group=group, rows=rows,
+                                     primfunc_name_hint="quantized_gemv")
 
 
-@tvm.transform.module_pass(opt_level=0, name="SlimgraphFactorQuantizedGEMV")
-def factor_quantized_gemv(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """One-row ``matmul(x, dequantize(..))`` of fused functions -> the factored kernel."""
-    factorer = _Factorer(mod)
-    for gvar, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
-            factorer.builder_.update_func(gvar, factorer.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(factorer.builder_.get())
+def factor_quantized_gemv(integer_dot: bool) -> tvm.transform.Pass:
+    """One-row ``matmul(x, dequantize(..))`` of fused functions -> the factored kernel; with
+    ``integer_dot`` (the target has 8-bit dot products), ``matmul(dynamic_quantize(x), ..)`` -> the
+    integer kernel where it applies."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphFactorQuantizedGEMV")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        factorer = _Factorer(mod, integer_dot)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
+                factorer.builder_.update_func(gvar, factorer.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(factorer.builder_.get())
+
+    return _pass
 
 
 def _role(sch: Schedule, block) -> str | None:
@@ -142,6 +165,7 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> None:
     if "output" not in roles or "partial" not in roles:
         raise ValueError("not a factored quantized product")
     out, part = roles["output"], roles["partial"]
+    _inline_weight_reads(sch, part)
     columns = int(sch.get(part).iter_vars[1].dom.extent)
     chunk, per_word = int(sch.get(part).iter_vars[2].dom.extent), int(sch.get(part).annotations[CODES_PER_WORD])
     epi = _prologue.fold_epilogue(sch, out)
@@ -162,15 +186,33 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> None:
     sch.reverse_compute_at(store, task, preserve_unit_loops=True)
     sch.compute_at(part, chunks)
     sch.set_scope(part, 0, "local")
-    words = _unroll_partial(sch, part, chunk, per_word)
+    if _integer_gemv.INTEGER_DOT in sch.get(part).annotations:
+        words, tensorize = _integer_gemv.tensorize_partial(sch, part)
+    else:
+        words, tensorize = _unroll_partial(sch, part, chunk, per_word), None
     sch.vectorize(lane)
     sch.vectorize(sch.fuse(*sch.get_loops(store)[1:]))
     sch.parallel(task)               # before the reductions are split into init and update blocks
     sch.decompose_reduction(part, words)
     sch.decompose_reduction(product, chunks)
+    if tensorize is not None:
+        tensorize()
     tile = task if splits == 1 else _sum_parts(sch, out, lanes)
     if epi is not None:
         place_epilogue(sch, epi, tile, lanes)
+
+
+def _inline_weight_reads(sch: Schedule, part) -> None:
+    """Inline the blocks before the partial that are neither the activation's (computed once, at
+    the root) nor reductions: the read-back of column panels (``pack_weights``) and element-wise
+    steps on x, so the kernel indexes the stored words directly."""
+    blocks = root_blocks(sch)
+    for block in blocks[:_prologue.position(sch, blocks, part)]:
+        if _role(sch, block) is None:
+            try:
+                sch.compute_inline(block)
+            except tvm.TVMError:
+                continue
 
 
 def _unroll_partial(sch: Schedule, part, chunk: int, per_word: int):

@@ -25,9 +25,10 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target import Target
+from tvm.target import codegen
 from tvm.target.codegen import llvm_get_vector_width
 
-from . import _fastmath, _generic, _gemv, _indices, _matmul, _quantized_gemv
+from . import _fastmath, _generic, _gemv, _indices, _integer_gemv, _matmul, _quantized_gemv
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
@@ -134,7 +135,7 @@ def lowering_passes(target: Target) -> list:
     return cpu_pipeline.library_dispatch_passes(target) + [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        _quantized_gemv.factor_quantized_gemv,
+        _quantized_gemv.factor_quantized_gemv(codegen.target_has_features(_integer_gemv.TARGET_FEATURE, target)),
         _fastmath.fast_math_pass,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

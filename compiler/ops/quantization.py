@@ -1,4 +1,7 @@
-"""``dequantize``: a packed low-bit weight turned back into floats, inside the kernel that uses it.
+"""Quantization ops: ``dequantize`` (packed low-bit weights back to floats, inside the kernel that
+uses them) and ``dynamic_quantize`` (activations rounded to 8-bit codes at run time).
+
+``dequantize``
 
 Inputs: ``words`` (u32 ``[P, *rest]``), ``scales`` (f16 ``[G, *rest]``) and, for asymmetric
 quantization, ``zeros`` (f16 ``[G, *rest]``). Attributes: ``bits``, ``group_size`` and ``rows``
@@ -12,6 +15,23 @@ constant folding must not replace it by the float matrix it stands for; fusion p
 prologue of the matmul (or gather) that reads it, so the float weight never exists in memory.
 The trailing axes ``rest`` are free, so a gather of columns (token embeddings read from a
 quantized LM head) can run on the packed words first and dequantize only the rows it picked.
+
+``dynamic_quantize``
+Input ``x`` (float, last axis of length K); attributes ``bits`` (8) and ``block``. Each run of
+``block`` consecutive values along the last axis gets a scale from its own largest magnitude,
+computed at run time, and every value is rounded to a signed code::
+
+    s[b]   = max_{i in b} |x[i]| / (2**(bits-1) - 1)             (127 for 8 bits)
+    q[i]   = clip(rint(x[i] / s[b]), -127, 127)                  (0 where s[b] = 0)
+    out[i] = q[i] * s[b]
+
+The output is the float tensor the codes stand for, so the op means the same to every reader.
+A product ``matmul(dynamic_quantize(x), dequantize(W))`` is what a CPU with 8-bit dot-product
+instructions computes in integers: ``sum_k q_x[k] q_W[k, n]`` per block, one rescale per block
+(``slimgraph.backends.schedules._integer_gemv``). Like ``dequantize`` it joins the matmul that
+reads it as a prologue (fusion treats both as layout ops), and it is idempotent up to rounding:
+the largest value of a block maps to exactly ``127 s``, so quantizing the output again gives
+the same codes.
 """
 
 from __future__ import annotations
@@ -67,4 +87,40 @@ DEQUANTIZE = register(OpDef(
            AttrSpec("rows", AttrKind.INT, required=True), AttrSpec("dtype", AttrKind.DTYPE, DType.f32)),
     arity=(2, 3), foldable=False,
     doc="(unpack(words) - zeros) * scales, groups of group_size rows along axis 0",
+))
+
+
+def dynamic_quantize_reference(x, *, bits: int, block: int) -> np.ndarray:
+    """``x`` rounded to ``bits``-bit codes with one scale per ``block`` values of the last axis."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))
+    limit = np.float32((1 << (bits - 1)) - 1)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / limit
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint(blocks / safe), -limit, limit)
+    return (codes * scale).astype(np.float32).reshape(x.shape)
+
+
+def _infer_dynamic(inputs, attrs):
+    x = inputs[0]
+    bits, block = attrs["bits"], attrs["block"]
+    if x.dtype not in (DType.f32, DType.f16) or x.rank < 1:
+        raise ValueError(f"dynamic_quantize wants a float tensor, got {x}")
+    if bits != 8 or block < 1:
+        raise ValueError(f"dynamic_quantize: bits must be 8 and block positive, got bits={bits}, block={block}")
+    last = x.shape[-1]
+    if not isinstance(last, int) or last % block:
+        raise ValueError(f"dynamic_quantize: the last axis of {x} is not a whole number of blocks of {block}")
+    return x
+
+
+def _reference_dynamic(ins, attrs, ctx):
+    out = dynamic_quantize_reference(ins[0], bits=attrs["bits"], block=attrs["block"])
+    return out.astype(ctx.out_dtype.numpy)
+
+
+DYNAMIC_QUANTIZE = register(OpDef(
+    "dynamic_quantize", OpCategory.LAYOUT, _infer_dynamic, _reference_dynamic,
+    attrs=(AttrSpec("bits", AttrKind.INT, 8), AttrSpec("block", AttrKind.INT, required=True)),
+    doc="x rounded to signed codes, one run-time scale per block of the last axis (max |x| / 127)",
 ))
