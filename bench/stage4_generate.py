@@ -46,9 +46,11 @@ MEMORY_STEPS = 512
 SLIMGRAPH_VARIANTS = {  # int4-a8: 8-bit activation codes per 32 inputs, as llama.cpp's Q8_1 for its Q4_1 products
     "fp32": {}, "int8": {"quantize": "int8", "group_size": 0}, "int4": {"quantize": "int4", "group_size": 128},
     "int4-a8": {"quantize": "int4", "group_size": 128, "activations": "int8"},
+    # llama.cpp's formats for this GGUF: 4-bit groups of 32 (Q4_1), an 8-bit LM head (Q8_0), 8-bit inputs
+    "llama-cpp-formats": {"recipe_file": str(Path(__file__).resolve().parent / "recipes" / "llama-cpp-q4_1.toml")},
 }
 TOOLS = ["torch-eager", "torch-compile", "ort-fp32", "ort-int4", "llama.cpp-q4_1",
-         "slimgraph-fp32", "slimgraph-int8", "slimgraph-int4", "slimgraph-int4-a8"]
+         "slimgraph-fp32", "slimgraph-int8", "slimgraph-int4", "slimgraph-int4-a8", "slimgraph-llama-cpp-formats"]
 
 
 # ----------------------------------------------------------------------------- shared inputs
