@@ -23,6 +23,8 @@ A recipe comes from CLI flags or a TOML file::
     bits = 4
     group_size = 128             # 0 = per output channel
     symmetric = false
+    zero_point = "float"         # optional: each asymmetric group's grid starts at its minimum (as llama.cpp's
+                                 # Q4_1; default "integer": a code, 0 exactly representable); symmetric has none
     activations = "int8"         # optional: also round each quantized matmul's input to 8-bit codes,
                                  # one run-time scale per activation_block (32) values (default "float")
     awq_clip = true              # AWQ: also search each group's clipping range (never for queries and
@@ -58,6 +60,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 ACTIVATION_FORMATS = ("float", "int8")
+ZERO_POINTS = ("integer", "float")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class QuantizeSettings:
     damp: float = 0.01
     act_order: bool = True
     awq_clip: bool = True           # AWQ's per-group range (clip) search after the scale search
+    zero_point: str = "integer"     # "float": asymmetric groups keep their own minimum (no effect when symmetric)
     activations: str = "float"      # "int8": matmul inputs rounded per block at run time (dynamic_quantize)
     activation_block: int = 32      # values of a matmul input sharing one run-time scale
 
@@ -78,6 +82,8 @@ class QuantizeSettings:
         _check(self.group_size is None or self.group_size >= 8,
                f"--group-size must be at least 8 (or 0 for per channel), got {self.group_size}")
         _check(0 < self.damp < 1, f"GPTQ damping must be in (0, 1), got {self.damp}")
+        _check(self.zero_point in ZERO_POINTS, f"zero_point must be one of {', '.join(ZERO_POINTS)}, "
+                                               f"got {self.zero_point!r}")
         _check(self.activations in ACTIVATION_FORMATS,
                f"--quantize-activations must be one of {', '.join(ACTIVATION_FORMATS)}, got {self.activations!r}")
         _check(self.activation_block >= 4, f"activation_block must be at least 4, got {self.activation_block}")

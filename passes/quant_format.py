@@ -9,7 +9,8 @@ reduction (input) axis, so ``y = x @ W``. Quantization is *group-wise along K*: 
 
 * per-channel quantization is the special case ``group_size == K``;
 * symmetric quantization fixes ``z = 2**(bits-1)`` (nothing stored); asymmetric (affine) stores z
-  (an integer, kept in the scale dtype);
+  (an integer, kept in the scale dtype) -- or, with ``float_zero``, the float ``-min / s`` of each
+  group, so that its grid starts at the group's own minimum (llama.cpp's Q4_1 stores that minimum);
 * scales and zeros are stored as float16 (``[K/g, N]``); quantizers round a scale to float16
   *before* computing codes, so stored codes and stored scales agree exactly.
 
@@ -45,12 +46,15 @@ class QuantSpec:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    float_zero: bool = False        # asymmetric with a float zero point (each group's grid starts at its minimum)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group size must be positive, got {self.group_size}")
+        if self.float_zero and self.symmetric:
+            raise ValueError("a float zero point needs asymmetric quantization")
 
     def group_for(self, rows: int) -> int:
         """The group length for a matrix with ``rows`` rows along K."""
@@ -66,7 +70,8 @@ class QuantSpec:
 
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+        kind = "sym" if self.symmetric else ("asym-float-zero" if self.float_zero else "asym")
+        return f"int{self.bits}-{group}-{kind}"
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

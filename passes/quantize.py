@@ -94,7 +94,8 @@ class QuantizedWeight:
 
 
 def _spec(settings: QuantizeSettings) -> QuantSpec:
-    return QuantSpec(settings.bits, settings.group_size, settings.symmetric)
+    float_zero = settings.zero_point == "float" and not settings.symmetric   # symmetric codes have no zero point
+    return QuantSpec(settings.bits, settings.group_size, settings.symmetric, float_zero)
 
 
 def _pad_rows(w: np.ndarray, hessian: np.ndarray | None, group: int):

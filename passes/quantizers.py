@@ -13,6 +13,13 @@ Range -> (scale, zero):
   range to contain 0 (as the GPTQ reference does) keeps ``z`` inside ``[0, M]`` without the
   clip ever biting and makes 0 exactly representable (code ``z``), so padded or pruned weights
   stay exactly 0.
+* **asymmetric, float zero point** (``float_zero``): the group's own range ``[w_min, w_max]`` over
+  the codes, ``s = (w_max - w_min) / M`` and ``z = -w_min / s`` kept as a float16 (not rounded to
+  a code), so the grid starts at the minimum: a group already on a grid ``m + q d`` (a dequantized
+  llama.cpp Q4_1 block) is reproduced up to float16 rounding, where an integer z shifts it by up to
+  ``s / 2``. 0 is not exactly representable then. Where ``|z|`` would exceed ``FLOAT_ZERO_LIMIT``
+  (a narrow range far from 0, whose float16 zero point would lose the grid) the group keeps the
+  integer zero point.
 * **symmetric**: ``z = 2**(bits-1) = h`` and ``|s| = absmax / h``, with the *sign* of s chosen so
   that the group's extreme value (largest magnitude) lands exactly on code 0, the end of the
   code range that has room for ``h`` steps: ``s = -m / h`` with m the signed extreme (llama.cpp's
@@ -39,6 +46,7 @@ import numpy as np
 from slimgraph.passes.quant_format import SCALE_DTYPE, QuantizedMatrix, QuantSpec
 
 _F16_MAX = float(np.finfo(np.float16).max)
+FLOAT_ZERO_LIMIT = 1024.0   # float16 rounds a zero point below this by at most 1/4: the grid moves by <= s / 4
 
 
 def check_weight(W: np.ndarray, spec: QuantSpec, what: str = "weight") -> np.ndarray:
@@ -76,6 +84,8 @@ def params_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec):
     Returns ``(scales_f16, zeros_f16)``; ``zeros`` is None for symmetric specs. See the module
     docstring for the formulas. Raises ValueError if a scale overflows float16.
     """
+    if spec.float_zero:
+        return _float_zero_params(np.asarray(lo, np.float64), np.asarray(hi, np.float64), spec)
     lo = np.minimum(np.asarray(lo, np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, np.float64), 0.0)
     if spec.symmetric:
@@ -91,6 +101,21 @@ def params_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec):
         return np.where(negative, -scales, scales), None
     zeros = np.clip(np.rint(-lo / scales.astype(np.float64)), 0, spec.max_code)
     return scales, zeros.astype(SCALE_DTYPE)
+
+
+def _float_zero_params(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec):
+    """Scales over each group's own range and float zero points ``-lo / s`` (float16); groups whose
+    zero point would pass ``FLOAT_ZERO_LIMIT`` get the integer-zero parameters instead."""
+    integer_spec = QuantSpec(spec.bits, spec.group_size, symmetric=False)
+    int_scales, int_zeros = params_from_range(lo, hi, integer_spec)
+    raw = (hi - lo) / spec.max_code
+    if raw.size and raw.max() > _F16_MAX:
+        raise ValueError(f"weight range {raw.max() * spec.max_code:.3g} is too large for float16 "
+                         f"scales ({spec.label()})")
+    scales = _round_up_f16(np.where(raw > 0, raw, 1.0))
+    zeros = -lo / scales.astype(np.float64)
+    keep = np.abs(zeros) <= FLOAT_ZERO_LIMIT
+    return np.where(keep, scales, int_scales), np.where(keep, zeros, int_zeros).astype(SCALE_DTYPE)
 
 
 def group_params(w_groups: np.ndarray, spec: QuantSpec):

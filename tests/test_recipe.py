@@ -58,3 +58,14 @@ def test_energy_alone_and_rules_switching_ratio_to_energy(tmp_path):
     assert (energy_only.ratio, energy_only.energy) == (None, 0.9)
     with pytest.raises(CompressionOptionError, match="exactly one"):
         recipe_from_toml(write(tmp_path, '[lowrank]\nenergy = 0.9\nratio = 0.2\n'))
+
+
+def test_zero_point_settings(tmp_path):
+    """An unknown zero point is refused; a symmetric rule under a float-zero recipe has none to keep."""
+    from slimgraph.compiler.recipe import QuantizeSettings
+    from slimgraph.passes.quantize import _spec
+
+    with pytest.raises(CompressionOptionError, match="zero_point must be one of"):
+        QuantizeSettings(zero_point="half")
+    assert _spec(QuantizeSettings(zero_point="float")).float_zero
+    assert not _spec(QuantizeSettings(zero_point="float", symmetric=True)).float_zero
