@@ -301,10 +301,9 @@ def _dynamic_quantize(ctx, args):
     marked so a one-row product reading it can take the activation codes instead (``_integer_gemv``)."""
     from tvm import te, tirx
 
-    from slimgraph.backends.schedules._integer_gemv import DYNAMIC_QUANTIZE_ATTR
+    from slimgraph.backends.schedules._integer_gemv import CODE_LIMIT, DYNAMIC_QUANTIZE_ATTR, activation_code
 
-    bits, block = ctx.node.attr("bits"), ctx.node.attr("block")
-    limit = float((1 << (bits - 1)) - 1)
+    bits, block = ctx.node.attr("bits"), ctx.node.attr("block")   # bits: 8, the only width the op takes
 
     def compute(x):
         *lead, length = x.shape
@@ -313,9 +312,8 @@ def _dynamic_quantize(ctx, args):
             tirx.abs(x[idx[:-1] + (idx[-1] * block + i,)].astype("float32")), axis=i), name="block_max")
 
         def element(*idx):
-            scale = peak[idx[:-1] + (tirx.floordiv(idx[-1], block),)] / limit
-            rounded = tirx.nearbyint(x[idx].astype("float32") / tirx.Select(scale > 0, scale, tirx.const(1.0, "float32")))
-            return (tirx.max(tirx.min(rounded, limit), -limit) * scale).astype(x.dtype)
+            block_peak = peak[idx[:-1] + (tirx.floordiv(idx[-1], block),)]
+            return (activation_code(x[idx].astype("float32"), block_peak) * (block_peak / CODE_LIMIT)).astype(x.dtype)
 
         return te.compute(x.shape, element, name="dynamic_quantize")
 

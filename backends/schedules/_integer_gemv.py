@@ -121,6 +121,14 @@ for _bits, _impl in ((4, _vnni_int4), (8, _vnni_int8)):
     TensorIntrin.register(INTRINSICS[_bits], _description(_bits), _impl, override=True)
 
 
+def activation_code(value, peak):
+    """The signed code of a float32 ``value`` in a block whose largest magnitude is ``peak``
+    (``dynamic_quantize``: scale ``peak / 127``, round to nearest, clip; 0 where the block is 0)."""
+    scale = peak / CODE_LIMIT
+    rounded = tirx.nearbyint(value / tirx.Select(scale > 0, scale, tirx.const(1.0, "float32")))
+    return tirx.max(tirx.min(rounded, CODE_LIMIT), -CODE_LIMIT)
+
+
 def sub_chunk(rows: int, group: int, block: int) -> int:
     """Rows over which the activation scale, the weight scale and the zero point are all constant."""
     return math.gcd(math.gcd(rows, group), block)
@@ -146,9 +154,7 @@ def integer_product(x, words, scales, *zeros, bits: int, group: int, rows: int, 
                       name="block_max", attrs={ROLE: "activation"})
 
     def code(k):
-        scale = peak[tirx.floordiv(k, block)] / CODE_LIMIT
-        rounded = tirx.nearbyint(x[lead + (k,)] / tirx.Select(scale > 0, scale, tirx.const(1.0, "float32")))
-        return tirx.max(tirx.min(rounded, CODE_LIMIT), -CODE_LIMIT)
+        return activation_code(x[lead + (k,)], peak[tirx.floordiv(k, block)])
 
     codes = te.compute((rows // per_word, halves, 4), lambda w, h, j: code(w * per_word + j * halves + h).astype("int8"),
                        name="activation_codes", attrs={ROLE: "activation"})

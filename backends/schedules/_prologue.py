@@ -20,12 +20,17 @@ def inline_around(sch: Schedule, mm: SBlockRV) -> SBlockRV | None:
     """Inline prologue blocks into the matmul (prologue reductions stay loop nests of their own)
     and fold the epilogue chain into its last block. Returns the epilogue block (None when there
     is none)."""
-    blocks = root_blocks(sch)
-    pos = position(sch, blocks, mm)
-    for block in blocks[:pos]:
-        if not is_reduction(sch, block):
-            sch.compute_inline(block)
+    inline_before(sch, mm)
     return fold_epilogue(sch, mm)
+
+
+def inline_before(sch: Schedule, target: SBlockRV, keep=lambda block: False) -> None:
+    """Inline every block before ``target`` into its consumers, except reductions (which cannot
+    be: they stay loop nests of their own, computed once) and the blocks ``keep`` names."""
+    blocks = root_blocks(sch)
+    for block in blocks[:position(sch, blocks, target)]:
+        if not keep(block) and not is_reduction(sch, block):
+            sch.compute_inline(block)
 
 
 def position(sch: Schedule, blocks: list, block: SBlockRV) -> int:
@@ -49,18 +54,9 @@ def materialize_operands(sch: Schedule, mm: SBlockRV) -> list:
     stays a loop nest of its own before the product, computed once.
     Returns the kept blocks; ``inline_into_copies`` / ``fill_pack`` later move them into
     the operand copies."""
-    blocks = root_blocks(sch)
-    pos = position(sch, blocks, mm)
     operands = list(sch.get_producers(mm))
-    for block in blocks[:pos]:
-        if any(sch.get(block).same_as(sch.get(op)) for op in operands):
-            continue
-        if is_reduction(sch, block):
-            continue
-        sch.compute_inline(block)
+    inline_before(sch, mm, keep=lambda block: any(sch.get(block).same_as(sch.get(op)) for op in operands))
     return operands
-
-
 
 def inline_into_copies(sch: Schedule, mm: SBlockRV, operands: list) -> None:
     """Move each computed operand into the zero-padded copy ``pad_einsum`` made of it,

@@ -206,13 +206,7 @@ def _inline_weight_reads(sch: Schedule, part) -> None:
     """Inline the blocks before the partial that are neither the activation's (computed once, at
     the root) nor reductions: the read-back of column panels (``pack_weights``) and element-wise
     steps on x, so the kernel indexes the stored words directly."""
-    blocks = root_blocks(sch)
-    for block in blocks[:_prologue.position(sch, blocks, part)]:
-        if _role(sch, block) is None:
-            try:
-                sch.compute_inline(block)
-            except tvm.TVMError:
-                continue
+    _prologue.inline_before(sch, part, keep=lambda block: _role(sch, block) is not None)
 
 
 def _unroll_partial(sch: Schedule, part, chunk: int, per_word: int):

@@ -36,6 +36,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from slimgraph.backends.schedules._analysis import is_reduction, root_blocks
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 
 
@@ -63,11 +64,10 @@ def tensor_core_tiles(func: tirx.PrimFunc) -> int | None:
     (batch x ceil(M / 128) x ceil(N / 128)); None without exactly one reduction block or with a
     symbolic extent."""
     sch = s_tir.Schedule(func)
-    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    reductions = [b for b in blocks if any(iv.iter_type == tirx.IterVar.CommReduce for iv in b.iter_vars)]
+    reductions = [b for b in root_blocks(sch) if is_reduction(sch, b)]
     if len(reductions) != 1:
         return None
-    extents = [iv.dom.extent for iv in reductions[0].iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    extents = [iv.dom.extent for iv in sch.get(reductions[0]).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     if len(extents) < 2 or not all(isinstance(e, tirx.IntImm) for e in extents):
         return None
     *batch, rows, columns = (int(e) for e in extents)
