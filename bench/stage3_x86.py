@@ -13,7 +13,11 @@ thread count, with nothing else running:
 * T=1 forward pass: slimgraph fp32 and int4 (group 128, round-to-nearest), T fixed to 1, and the
   int4 step's effective weight bandwidth (bytes of weights one step reads, embedding rows only for
   the gathered token, divided by its time) against this machine's memory bandwidth measured in the
-  same run (numpy copies of 512 MiB on ``--threads`` threads: bytes read + written per second).
+  same run (numpy copies of 512 MiB on ``--threads`` threads: bytes read + written per second);
+* the machine's float32 GEMM ceiling: PyTorch's (oneDNN) 2048 x 2048 x 2048 product on the same
+  threads, and every T=128 row's rate in GFLOP/s (the forward pass's multiply-adds, counted from
+  the model's config) as a share of it: how far a schedule can go before it beats the best GEMM
+  library on this machine.
 
 Results go to bench/results/stage3-x86-<date>.json.
 """
@@ -74,6 +78,30 @@ def memory_bandwidth(threads: int, repeats: int = 5) -> dict:
     return {"bytes_moved": 2 * COPY_BYTES, "seconds": best, "gb_per_s": 2 * COPY_BYTES / best / 1e9}
 
 
+def gemm_ceiling(threads: int, size: int = 2048, repeats: int = 5) -> dict:
+    """Best float32 GEMM rate of PyTorch (oneDNN) on ``threads`` threads, in GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"size": size, "threads": threads, "gflop_per_s": 2 * size ** 3 / best / 1e9}
+
+
+def forward_flops(config: dict, tokens: int) -> int:
+    """Floating-point operations (2 per multiply-add) of a LLaMA forward pass over ``tokens``
+    tokens without a cache: the projections, the MLP, attention scores and values, the LM head."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv = hidden * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = tokens * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) + 2 * tokens * tokens * hidden
+    return 2 * (config["num_hidden_layers"] * per_layer + tokens * hidden * config["vocab_size"])
+
+
 def compile_static(name: str, tokens: int, *, tuning_db=None, quantize=None) -> Path:
     from slimgraph.compiler.driver import CompileOptions, compile_model
     from slimgraph.compiler.recipe import recipe_from_flags
@@ -100,8 +128,9 @@ def measure_all(args) -> None:
     rng = np.random.default_rng(0)
     ids128 = rng.integers(0, 49152, (1, 128)).astype(np.int64)
     ids1 = ids128[:, :1].copy()
+    config = json.loads((Path(resolve_model("smollm2").path) / "config.json").read_text())
     result = {"machine": machine_description(), "threads": args.threads, "memory": memory_bandwidth(args.threads),
-              "T128": {}, "T1": {}}
+              "gemm_ceiling": gemm_ceiling(args.threads), "flops_T128": forward_flops(config, 128), "T128": {}, "T1": {}}
     ort_call = run_ort(onnx_file("smollm2", str(resolve_model("smollm2").path)), {"input_ids": ids128}, args.threads)
     reference = ort_call()
     result["T128"]["onnxruntime fp32"] = measure(ort_call, repeats=args.repeats)
@@ -126,12 +155,18 @@ def measure_all(args) -> None:
 def print_summary(result: dict) -> None:
     t128, t1, mem = result["T128"], result["T1"], result["memory"]
     ort = t128["onnxruntime fp32"]["median_ms"]
-    print(f"\nSmolLM2-135M T=128 fp32, {result['threads']} threads, median ms")
+    ceiling, flops = result["gemm_ceiling"]["gflop_per_s"], result["flops_T128"]
+    print(f"\nSmolLM2-135M T=128 fp32, {result['threads']} threads, median ms ({flops / 1e9:.1f} GFLOP a pass; "
+          f"float32 GEMM ceiling {ceiling:.0f} GFLOP/s)")
     for label, row in t128.items():
-        extra = f"  cosine vs ORT {row['cosine_vs_ort']:.6f}" if "cosine_vs_ort" in row else ""
+        rate = flops / (row["median_ms"] / 1e3) / 1e9
+        extra = f"  {rate:.0f} GFLOP/s = {100 * rate / ceiling:.0f}% of the ceiling"
+        extra += f"  cosine vs ORT {row['cosine_vs_ort']:.6f}" if "cosine_vs_ort" in row else ""
         matched = (f"  kernels tuned {row['kernels_matched']}, default faster {row['kernels_kept_default']}, "
                    f"not in the database {row['kernels_fallback']}") if "kernels_matched" in row else ""
         print(f"  {label:26s} {row['median_ms']:9.2f}  {row['median_ms'] / ort:5.2f}x ORT{extra}{matched}")
+    need = flops / (0.8 * ort / 1e3) / 1e9
+    print(f"  0.8x ORT = {0.8 * ort:.1f} ms needs {need:.0f} GFLOP/s = {100 * need / ceiling:.0f}% of the ceiling")
     fp32, int4 = t1["slimgraph fp32"], t1["slimgraph int4 g128"]
     print(f"\nT=1: fp32 {fp32['median_ms']:.2f} ms, int4 {int4['median_ms']:.2f} ms -> int4 "
           f"{fp32['median_ms'] / int4['median_ms']:.2f}x faster")

@@ -259,3 +259,59 @@ def test_prompt_products_use_tensor_cores_only_where_they_fill_the_gpu(columns, 
         scheduled, chosen = gpu.schedule_prim_func(func, target, gpu.default_rules())
     assert chosen == rule
     assert ("wmma" in scheduled.script()) == tensor_cores
+
+
+@pytest.mark.parametrize("outputs,rows,vector_lanes,plan", [
+    (5632, 2048, True, (2, 32, 4)),     # int4 gate/up of a 1.1B LLaMA: 8-byte loads, 32 lanes over K
+    (32000, 2048, True, (4, 32, 4)),    # its LM head: enough threads for 16-byte loads
+    (1536, 576, True, (2, 8, 8)),       # SmolLM2's MLP: 72 packed rows, 8 lanes of 9 rows
+    (49152, 576, True, (2, 8, 8)),
+    (2048, 2048, False, None),          # few outputs, many rows: the column threads split K 64 ways
+    (2048, 5632, False, None),
+    (576, 1536, False, None),
+])
+def test_one_token_int4_products_choose_their_schedule_by_shape(outputs, rows, vector_lanes, plan):
+    from slimgraph.backends.schedules.gpu_gemv import GemvShape, plan_vector_lanes, uses_vector_lanes
+
+    shape = GemvShape(outputs, rows, rows_per_word=8, weight_bytes=4)
+    assert uses_vector_lanes(shape) is vector_lanes
+    assert not uses_vector_lanes(GemvShape(outputs, rows, rows_per_word=1, weight_bytes=2)), "float weights"
+    if plan is not None:
+        got = plan_vector_lanes(shape)
+        assert (got.vector, got.lanes, got.groups) == plan
+        assert (rows // 8) % got.lanes == 0 and outputs % (got.vector * got.groups) == 0
+
+
+@needs_nvcc
+def test_one_token_int4_kernel_with_vector_lanes_reads_vectors_and_stages_the_activations():
+    """A wide int4 product's decoding kernel: each thread loads two packed words of a row at once
+    (8 bytes), the activation row is staged in shared memory with 16-byte loads, and the lanes'
+    sums meet in shared memory after one barrier."""
+    import tvm
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler import ops
+    from slimgraph.compiler.ir import FunctionBuilder, Module
+    from slimgraph.compiler.types import DType, TensorType
+    from slimgraph.passes.fusion import fuse
+
+    b = FunctionBuilder("main", {})
+    x = b.param("x", TensorType(DType.f16, (1, 1, 512)))
+    words = b.param("w", TensorType(DType.u32, (64, 1024)))
+    scales = b.param("s", TensorType(DType.f16, (4, 1024)))
+    zeros = b.param("z", TensorType(DType.f16, (4, 1024)))
+    weight = b.add(ops.DEQUANTIZE, [words, scales, zeros], {"bits": 4, "group_size": 128, "rows": 512, "dtype": DType.f16})
+    b.output(b.add(ops.CAST, [b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32})], {"dtype": DType.f16}))
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        module = fuse(Module({"main": b.build()}, {})).module
+        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(module).ir_module)
+        (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
+        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
+    source = (built.imports[0] if built.imports else built).inspect_source()
+    assert rule == "ColumnGEMV"
+    assert "*(uint2*)(p" in source and "*(uint4*)(p" in source and "__shared__" in source
+    assert source.count("__syncthreads()") >= 2

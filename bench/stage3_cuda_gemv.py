@@ -1,0 +1,210 @@
+"""Stage-3 GPU kernels: one-token int4 products (dequantize fused into the GEMV) under both CUDA
+schedules of ``backends/schedules/gpu_gemv.py``, side by side on the GPU machine.
+
+    python bench/stage3_cuda_gemv.py prepare               # here: build the kernels into .device/gemv
+    python bench/stage3_cuda_gemv.py measure --out $OUT    # GPU machine (runtime bundle sourced)
+    python bench/stage3_cuda_gemv.py report RUN.json       # here: table + bench/results/stage3-cuda-gemv-<date>.json
+
+For each product shape [K -> N] of SmolLM2-135M and of a TinyLlama-1.1B-shaped model (int4, group
+128, float16 activations), the kernel is built three times: with the "column-threads" schedule, with
+the "vector-lanes" schedule, and as ``ColumnGEMV`` chooses. On the GPU each one runs on random
+words, scales and zero points whose copies together exceed the L2 cache (160 MB, rotated call by
+call, so every call reads its weights from device memory); its GPU time per call comes from CUPTI
+(torch.profiler), its result is checked against a numpy reference, and its bytes of weights read
+per second are set against the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FOLDER = Path(__file__).resolve().parents[1] / ".device" / "gemv"
+SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048), (2048, 32000),
+          (576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+GROUP = 128
+L2_ROTATION_BYTES = 160e6
+
+
+def _product(rows: int, outputs: int):
+    """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it."""
+    import tvm
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.backends.targets import resolve_target
+    from slimgraph.compiler import ops
+    from slimgraph.compiler.ir import FunctionBuilder, Module
+    from slimgraph.compiler.types import DType, TensorType
+    from slimgraph.passes.fusion import fuse
+
+    groups = -(-rows // GROUP)
+    b = FunctionBuilder("main", {})
+    x = b.param("x", TensorType(DType.f16, (1, 1, rows)))
+    words = b.param("w", TensorType(DType.u32, (rows // 8, outputs)))
+    scales = b.param("s", TensorType(DType.f16, (groups, outputs)))
+    zeros = b.param("z", TensorType(DType.f16, (groups, outputs)))
+    weight = b.add(ops.DEQUANTIZE, [words, scales, zeros], {"bits": 4, "group_size": GROUP, "rows": rows, "dtype": DType.f16})
+    b.output(b.add(ops.CAST, [b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32})], {"dtype": DType.f16}))
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(
+            lower_to_relax(fuse(Module({"main": b.build()}, {})).module).ir_module)
+    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    return func, target
+
+
+def prepare(_args) -> None:
+    import tvm
+
+    from slimgraph.backends.cuda_runtime import ensure_cuda_runtime
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.backends.schedules.gpu_gemv import SCHEDULES, ColumnGEMV
+
+    ensure_cuda_runtime()
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    for rows, outputs in SHAPES:
+        func, target = _product(rows, outputs)
+        kernels, chosen = {}, None
+        with target:
+            for name in (*SCHEDULES, None):
+                rules = [ColumnGEMV(name)]
+                scheduled, rule = gpu.schedule_prim_func(func, target, rules)
+                if rule is None:
+                    continue
+                if name is None:
+                    chosen = next(n for n, k in kernels.items() if k.script() == scheduled.script())
+                    continue
+                kernels[name] = scheduled
+            symbols = {name: name.replace("-", "_") for name in kernels}
+            library = tvm.tirx.build(tvm.IRModule({symbols[n]: k.with_attr("global_symbol", symbols[n])
+                                                   for n, k in kernels.items()}), target=target)
+        library.export_library(str(FOLDER / f"gemv_{rows}x{outputs}.so"))
+        meta[f"{rows}x{outputs}"] = {"library": f"gemv_{rows}x{outputs}.so", "kernels": symbols, "chosen": chosen}
+        print(f"[{rows} -> {outputs}] built {sorted(kernels)}, ColumnGEMV takes {chosen}", flush=True)
+    (FOLDER / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _copy_bandwidth() -> float:
+    import torch
+
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 4 / ((time.perf_counter() - start) / 20) / 1e12
+
+
+def _reference(x, words, scales, zeros, rows: int) -> np.ndarray:
+    from slimgraph.compiler.ops.quantization import dequantize_reference
+
+    weight = dequantize_reference(words, scales, zeros, bits=4, group_size=GROUP, rows=rows)
+    return x.astype(np.float32)[0, 0] @ weight.astype(np.float16).astype(np.float32)
+
+
+def _gpu_microseconds(call, calls: int) -> float:
+    """Median GPU time of one kernel launch over ``calls`` launches (CUPTI)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            call(i)
+        torch.cuda.synchronize()
+    times = [e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return float(np.median(times))
+
+
+def measure(args) -> None:
+    import torch
+
+    from slimgraph.backends.cuda_runtime import ensure_cuda_runtime
+
+    ensure_cuda_runtime()
+    import tvm
+
+    folder, out = Path(args.folder), Path(args.out)
+    meta = json.loads((folder / "meta.json").read_text())
+    dev, rng = tvm.cuda(0), np.random.default_rng(0)
+    result = {"device": torch.cuda.get_device_name(), "copy_tb_per_s": _copy_bandwidth(), "shapes": {}}
+    for key, info in meta.items():
+        rows, outputs = map(int, key.split("x"))
+        groups = -(-rows // GROUP)
+        words = rng.integers(0, 2 ** 32, size=(rows // 8, outputs), dtype=np.uint32)
+        scales = (rng.random((groups, outputs)) * 0.02 + 0.001).astype(np.float16)
+        zeros = rng.integers(0, 16, size=(groups, outputs)).astype(np.float16)
+        x = rng.standard_normal((1, 1, rows)).astype(np.float16)
+        reference = _reference(x, words, scales, zeros, rows)
+        weight_bytes = words.nbytes + scales.nbytes + zeros.nbytes
+        copies = int(min(64, max(2, -(-L2_ROTATION_BYTES // weight_bytes))))
+        sets = [[tvm.runtime.tensor(a, dev) for a in (words, scales, zeros)] for _ in range(copies)]
+        x_dev, y_dev = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(np.zeros((1, 1, outputs), np.float16), dev)
+        library = tvm.runtime.load_module(str(folder / info["library"]))
+        rows_out = {}
+        for name, symbol in info["kernels"].items():
+            kernel = library[symbol]
+            kernel(*sets[0], x_dev, y_dev)
+            dev.sync()
+            got = y_dev.numpy().astype(np.float32)[0, 0]
+            error = float(np.abs(got - reference).max() / np.abs(reference).max())
+            for i in range(copies):
+                kernel(*sets[i], x_dev, y_dev)
+            us = _gpu_microseconds(lambda i: kernel(*sets[i % copies], x_dev, y_dev), max(copies, 60))
+            rows_out[name] = {"us": us, "tb_per_s": weight_bytes / us / 1e6, "relative_error": error}
+            print(key, name, json.dumps(rows_out[name]), flush=True)
+        result["shapes"][key] = {"weight_bytes": weight_bytes, "chosen": info["chosen"], "kernels": rows_out}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stage3-cuda-gemv.json").write_text(json.dumps(result, indent=1))
+        del sets
+
+
+def report(args) -> None:
+    from common import write_results
+
+    result = json.loads(Path(args.result).read_text())
+    copy = result["copy_tb_per_s"]
+    print(f"{result['device']}: copy bandwidth {copy:.2f} TB/s (read + write); GPU us per call, weights from DRAM")
+    print(f"  {'product':16s} {'MB':>6s} {'column-threads':>16s} {'vector-lanes':>16s}  chosen")
+    for key, row in result["shapes"].items():
+        cells = []
+        for name in ("column-threads", "vector-lanes"):
+            k = row["kernels"].get(name)
+            cells.append(f"{k['us']:6.2f} ({100 * k['tb_per_s'] / copy:3.0f}%)" if k else "-")
+            if k and k["relative_error"] > 1e-2:
+                cells[-1] += " WRONG"
+        print(f"  [{key.replace('x', ' -> ')}]".ljust(18) + f"{row['weight_bytes'] / 1e6:6.2f} {cells[0]:>16s} "
+              f"{cells[1]:>16s}  {row['chosen']}")
+    print(f"\nwrote {write_results('stage3-cuda-gemv', result)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    sub.add_parser("prepare")
+    m = sub.add_parser("measure")
+    m.add_argument("--folder", default=str(FOLDER))
+    m.add_argument("--out", default=".")
+    r = sub.add_parser("report")
+    r.add_argument("result")
+    args = parser.parse_args()
+    {"prepare": prepare, "measure": measure, "report": report}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
