@@ -234,33 +234,6 @@ def test_one_token_cuda_build_matches_its_ir_on_the_gpu(tmp_path, quantize):
     assert compare_outputs(interpreter.run(module, inputs)[0], got).cosine >= 0.999
 
 
-@pytest.mark.parametrize("columns,rule,tensor_cores", [(576, "SmallGridMatmul", False), (49152, "Matmul", True)])
-def test_prompt_products_use_tensor_cores_only_where_they_fill_the_gpu(columns, rule, tensor_cores):
-    """A float16 product of 128 rows gets DLight's tensor-core schedule (128 x 128 outputs per
-    thread block) only when that makes enough thread blocks: [128, 576] outputs would be 5 of them,
-    so it keeps the SIMT tiles; an LM head's [128, 49152] (384 blocks) uses tensor cores."""
-    import tvm
-    from tvm import tirx
-
-    from slimgraph.backends.relax_lowering import lower_to_relax
-    from slimgraph.backends.schedules import gpu
-    from slimgraph.compiler import ops
-    from slimgraph.compiler.ir import FunctionBuilder, Module
-    from slimgraph.compiler.types import DType, TensorType
-
-    b = FunctionBuilder("main", {})
-    x = b.param("x", TensorType(DType.f16, (1, 128, 576)))
-    w = b.param("w", TensorType(DType.f16, (576, columns)))
-    b.output(b.add(ops.MATMUL, [x, w], {"out_dtype": DType.f32}))
-    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
-    with target, tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(Module({"main": b.build()}, {})).ir_module)
-        (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
-        scheduled, chosen = gpu.schedule_prim_func(func, target, gpu.default_rules())
-    assert chosen == rule
-    assert ("wmma" in scheduled.script()) == tensor_cores
-
-
 @pytest.mark.parametrize("outputs,rows,vector_lanes,plan", [
     (5632, 2048, True, (2, 32, 4)),     # int4 gate/up of a 1.1B LLaMA: 8-byte loads, 32 lanes over K
     (32000, 2048, True, (4, 32, 4)),    # its LM head: enough threads for 16-byte loads

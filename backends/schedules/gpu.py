@@ -8,11 +8,9 @@ GPU schedule from TVM's DLight rules, tried in this order:
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
 * ``ColumnGEMV`` (slimgraph's, :mod:`.gpu_gemv`): the same products over slimgraph's ``[K, N]``
-  weight layout, which DLight's GEMV does not schedule on CUDA; rows read coalesced, split
-  across thread groups, partial sums added across threads;
-* ``SmallGridMatmul`` then ``Matmul``: tiled GEMM through shared memory (prefill, batched tokens),
-  prologues inlined; tensor cores (DLight's ``MatmulTensorization``, 128 x 128 outputs per thread
-  block) only where that makes enough thread blocks for the GPU, the SIMT tiles otherwise;
+  weight layout, which DLight's GEMV does not schedule on CUDA: column threads splitting the rows,
+  or vector loads with the rows split over a warp's lanes, chosen by shape;
+* ``Matmul``: tiled GEMM through shared memory (prefill, batched tokens), prologues inlined;
 * ``RMSNorm`` / ``Reduction`` / ``GeneralReduction``: row reductions, softmax, layer norms;
 * ``Transpose`` and ``Fallback``: layout and element-wise kernels, one thread per element.
 
@@ -36,7 +34,6 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from slimgraph.backends.schedules._analysis import is_reduction, root_blocks
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 
 
@@ -55,50 +52,11 @@ class StaticShapesOnly:
         return self.rule.apply(func, target, tunable)
 
 
-TENSOR_CORE_TILE = 128        # outputs per side of a thread block of DLight's MatmulTensorization
-MIN_TENSOR_CORE_TILES = 100   # fewer thread blocks than this leave most of a GPU's SMs idle (132 on H100)
-
-
-def tensor_core_tiles(func: tirx.PrimFunc) -> int | None:
-    """Thread blocks DLight's tensor-core schedule would launch for the kernel's one product
-    (batch x ceil(M / 128) x ceil(N / 128)); None without exactly one reduction block or with a
-    symbolic extent."""
-    sch = s_tir.Schedule(func)
-    reductions = [b for b in root_blocks(sch) if is_reduction(sch, b)]
-    if len(reductions) != 1:
-        return None
-    extents = [iv.dom.extent for iv in sch.get(reductions[0]).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    if len(extents) < 2 or not all(isinstance(e, tirx.IntImm) for e in extents):
-        return None
-    *batch, rows, columns = (int(e) for e in extents)
-    tiles = -(-rows // TENSOR_CORE_TILE) * -(-columns // TENSOR_CORE_TILE)
-    for extent in batch:
-        tiles *= extent
-    return tiles
-
-
-class SmallGridMatmul:
-    """DLight's SIMT ``Matmul`` schedule for products too small to fill the GPU with tensor-core
-    thread blocks. DLight tensorizes every float16 product whose dims exceed 64, with 128 x 128
-    outputs per thread block: a 128-token prompt times a [1536, 576] weight is then 5 thread blocks
-    on a 132-SM H100 (85 us a product, measured), where the SIMT schedule's 32 x 64 tiles use
-    many more SMs. DLight decides on tensor cores from the target's ``arch``, so the rule schedules
-    with the same target at a pre-Volta arch (the schedule itself does not depend on it)."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        tiles = tensor_core_tiles(func)
-        if tiles is None or tiles >= MIN_TENSOR_CORE_TILES:
-            return None
-        simt = Target({**target.export(), "arch": "sm_61"})
-        return dl.gpu.Matmul().apply(func, simt, tunable)
-
-
 def default_rules() -> list:
     return [
         dl.gpu.GEMV(),
         StaticShapesOnly(dl.gpu.LowBatchGEMV()),
         ColumnGEMV(),
-        SmallGridMatmul(),
         dl.gpu.Matmul(),
         dl.gpu.RMSNorm(),
         dl.gpu.Reduction(),
