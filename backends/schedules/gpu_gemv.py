@@ -33,7 +33,7 @@ values, so no lane needs a guard.
 
 Measured on an H100 in a sweep of schedule variants (int4, group 128, float16 activations; GPU
 time per call with the weights rotated over copies larger than L2): the vector lanes take
-[2048 -> 5632] from 10.0 to 7.5 us, [2048 -> 32000] from 40.4 to 28.0 us, [576 -> 1536] from
+[2048 -> 5632] from 10.0 to 7.5 us, [2048 -> 32000] from 40.4 to 28.5 us, [576 -> 1536] from
 3.5 to 2.8 us, while the column threads stay ahead on [2048 -> 2048] (4.1 against 5.4 us and
 more), [2048 -> 256] and [5632 -> 2048] (7.7 against 12.4 us): there ``N / V`` outputs leave too
 few threads (and loads in flight) once ``K`` is split over only the 32 lanes of a warp.
