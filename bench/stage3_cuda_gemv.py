@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage3_cuda import copy_bandwidth  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / ".device" / "gemv"
 SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048), (2048, 32000),
@@ -66,12 +65,9 @@ def _product(rows: int, outputs: int):
 def prepare(_args) -> None:
     import tvm
 
-    from slimgraph.backends.cuda_runtime import ensure_cuda_runtime
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.schedules.gpu_gemv import SCHEDULES, ColumnGEMV
 
-    ensure_cuda_runtime()
-    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     FOLDER.mkdir(parents=True, exist_ok=True)
     meta = {}
     for rows, outputs in SHAPES:
@@ -94,21 +90,6 @@ def prepare(_args) -> None:
         meta[f"{rows}x{outputs}"] = {"library": f"gemv_{rows}x{outputs}.so", "kernels": symbols, "chosen": chosen}
         print(f"[{rows} -> {outputs}] built {sorted(kernels)}, ColumnGEMV takes {chosen}", flush=True)
     (FOLDER / "meta.json").write_text(json.dumps(meta, indent=1))
-
-
-def _copy_bandwidth() -> float:
-    import torch
-
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 4 / ((time.perf_counter() - start) / 20) / 1e12
 
 
 def _reference(x, words, scales, zeros, rows: int) -> np.ndarray:
@@ -142,7 +123,7 @@ def measure(args) -> None:
     folder, out = Path(args.folder), Path(args.out)
     meta = json.loads((folder / "meta.json").read_text())
     dev, rng = tvm.cuda(0), np.random.default_rng(0)
-    result = {"device": torch.cuda.get_device_name(), "copy_tb_per_s": _copy_bandwidth(), "shapes": {}}
+    result = {"device": torch.cuda.get_device_name(), "copy": copy_bandwidth(), "shapes": {}}
     for key, info in meta.items():
         rows, outputs = map(int, key.split("x"))
         groups = -(-rows // GROUP)
@@ -178,7 +159,7 @@ def report(args) -> None:
     from common import write_results
 
     result = json.loads(Path(args.result).read_text())
-    copy = result["copy_tb_per_s"]
+    copy = result["copy"]["tb_per_s"]
     print(f"{result['device']}: copy bandwidth {copy:.2f} TB/s (read + write); GPU us per call, weights from DRAM")
     print(f"  {'product':16s} {'MB':>6s} {'column-threads':>16s} {'vector-lanes':>16s}  chosen")
     for key, row in result["shapes"].items():

@@ -61,6 +61,7 @@ MIN_ROWS_PER_THREAD = 4  # loaded elements each thread sums before the cross-thr
 # vector lanes
 VECTOR_MIN_OUTPUTS = 4096          # packed products this wide take the vector lanes ...
 VECTOR_MAX_ROWS = 1024             # ... and so do those with this few rows
+VECTOR_BYTES = 16                  # the widest load of one thread (ld.global.v4)
 WIDE_VECTOR_THREADS = 1 << 17      # 16-byte loads once N / V x R reaches this many threads, else 8-byte
 LANES = (32, 16, 8, 4, 2, 1)       # lanes splitting K, widest first (the largest that divides the packed rows)
 THREADS_PER_BLOCK = 128            # TY groups x R lanes (at most 8 groups)
@@ -125,7 +126,7 @@ def plan_vector_lanes(shape: GemvShape) -> GemvPlan | None:
     if shape.rows % shape.rows_per_word:
         return None
     lanes = next(r for r in LANES if packed_rows % r == 0)
-    wide = 16 // shape.weight_bytes
+    wide = VECTOR_BYTES // shape.weight_bytes
     vector = wide if shape.outputs // wide * lanes >= WIDE_VECTOR_THREADS else max(1, wide // 2)
     while shape.outputs % vector:
         vector //= 2
@@ -202,8 +203,10 @@ def _schedule_vector_lanes(sch: s_tir.Schedule, main, epilogue, shape: GemvShape
     sch.bind(bx, "blockIdx.x")
     sch.bind(group, "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
-    steps = shape.rows // shape.rows_per_word // r
-    ko, ko_inner = sch.split(ko, [None, next(n for n in (ROWS_IN_FLIGHT, 4, 2, 1) if steps % n == 0)])
+    in_flight = ROWS_IN_FLIGHT
+    while (shape.rows // shape.rows_per_word // r) % in_flight:
+        in_flight //= 2
+    ko, ko_inner = sch.split(ko, [None, in_flight])
     reads = [read.source for read in sch.get(partial).reads]
     is_weight = [any(src.same_as(w) for w in weight_buffers) for src in reads]
     for index in [i for i, weight in enumerate(is_weight) if weight]:
@@ -236,7 +239,7 @@ def _stage_in_shared(sch: s_tir.Schedule, partial, index: int, bx, plan: GemvPla
     per thread and step."""
     cache = sch.cache_read(partial, index, "shared")
     sch.compute_at(cache, bx, preserve_unit_loops=True)
-    lanes = 16 // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
+    lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
     _, group, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, plan.groups, plan.lanes, lanes])
     sch.bind(group, "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
