@@ -27,11 +27,13 @@ from slimgraph.compiler.errors import SlimgraphError, UnknownPassError, Verifica
 from slimgraph.compiler.ir import Module
 from slimgraph.compiler.printer import print_module
 
-DEFAULT_PIPELINE = ("fold_constants", "simplify", "cse", "dce", "simplify", "fuse", "dce")
+DEFAULT_PIPELINE = ("fold_constants", "simplify", "cse", "dce", "simplify", "merge_parallel_products", "fuse",
+                    "dce")
 """simplify runs twice: after CSE merged duplicate subexpressions (``x - mean(x)`` written twice)
 the normalization patterns become visible."""
 
-BUILTIN_PASS_MODULES = ("constant_folding", "dead_code", "cse", "simplify", "fusion", "half_precision")
+BUILTIN_PASS_MODULES = ("constant_folding", "dead_code", "cse", "simplify", "parallel_products", "fusion",
+                        "half_precision")
 
 
 class PassResult(NamedTuple):

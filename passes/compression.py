@@ -17,7 +17,7 @@ from slimgraph.passes._compress import CompressionContext
 from slimgraph.passes._linear import find_linear_layers
 
 CLEANUP = ("fold_constants", "simplify", "cse", "dce")
-FINISH = ("simplify", "fuse", "dce")
+FINISH = ("simplify", "merge_parallel_products", "fuse", "dce")
 
 _FACTORIES = {
     "prune": ("slimgraph.passes.prune", "prune_pass"),

@@ -3,12 +3,15 @@
 A group has at most one *anchor* (an op that reduces) and a single escaping value, its *root*:
 every other member is used only inside the group and is not a function output. That makes
 groups convex (no path leaves a group and comes back), so calling each group at the position of
-its root keeps the entry topologically ordered. Groups are built greedily in three phases:
+its root keeps the entry topologically ordered. Groups are built greedily in four phases:
 
 1. **Anchors**, in program order. A CONTRACTION (matmul, conv2d) takes a *prologue*: producers of
-   its operands that are elementwise ops, transpose, reshape, broadcast_to, dequantize or dynamic_quantize,
-   used only inside the group (recursively). A REDUCTION/NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm,
-   rms_norm, pooling) takes an elementwise-only prologue (the scale and mask add before softmax).
+   its operands that are elementwise ops, transpose, reshape, broadcast_to, slice, concat, dequantize or
+   dynamic_quantize, used only inside the group (recursively). A product of an activation and a weight
+   takes only prologue ops of one computed input: its kernels read the activation once per k, and a
+   join such as ``silu(g) * u`` would be recomputed by every block of outputs. A REDUCTION or
+   NORMALIZATION anchor (sum/mean/max/..., softmax, layer_norm, rms_norm, pooling) takes an
+   elementwise-only prologue (the scale and mask add before softmax).
    Then both take an *epilogue*: while the root has a single user that is elementwise and
    unclaimed, it joins and becomes the root (bias add, activation, residual add; ``silu(x@Wg) *
    (x@Wu)`` joins the gate matmul's group, taking the other matmul's result as an input). Scans
@@ -16,7 +19,14 @@ its root keeps the entry topologically ordered. Groups are built greedily in thr
    into one TIR function when a dim is symbolic.
 2. **Injective chains**: remaining elementwise/layout ops, visited in reverse program order, join
    the group of their users when all users are in one anchor-free group; otherwise they start one.
-3. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
+3. **Recomputation**: an injective group whose value is read only inside other groups, each of
+   which can compute it (an injective group, or a contraction reading it in its prologue), is
+   copied into every reader and dropped, visiting the last groups first. The attention's
+   ``reshape -> transpose`` of q, read both by the rotary ``slice -> neg -> concat`` and by the
+   score product, becomes part of the score product's operand reads instead of two kernels that
+   write and re-read q. Each copy recomputes index arithmetic (and cheap element-wise ops) per
+   element it reads; a kernel launch and a round trip of the values through memory are saved.
+4. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
    whose params are the group's external inputs (weights are passed as call arguments), called
    from the entry by a ``call`` node that keeps the root's value name. Structurally identical
    groups share one function, so N identical transformer layers compile each kernel once.
@@ -37,13 +47,14 @@ from slimgraph.compiler import ops
 from slimgraph.compiler.ir import Function, FunctionKind, Module, Node
 from slimgraph.compiler.ops import OpCategory
 from slimgraph.compiler.passmanager import PassResult, register_pass
+from slimgraph.passes.fusion_outline import is_static_source
 
 ANCHOR_CATEGORIES = (OpCategory.CONTRACTION, OpCategory.REDUCTION, OpCategory.NORMALIZATION)
 SCANS = frozenset({ops.CUMSUM})
 UNFUSED = (OpCategory.SOURCE, OpCategory.CALL, OpCategory.CACHE)  # cache ops run in place, alone
 INJECTIVE = (OpCategory.ELEMENTWISE, OpCategory.LAYOUT)
-CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.DEQUANTIZE,
-                                         ops.DYNAMIC_QUANTIZE})
+CONTRACTION_PROLOGUE_LAYOUT = frozenset({ops.TRANSPOSE, ops.RESHAPE, ops.BROADCAST_TO, ops.SLICE, ops.CONCAT,
+                                         ops.DEQUANTIZE, ops.DYNAMIC_QUANTIZE})
 
 
 @dataclass
@@ -86,6 +97,25 @@ class Partitioner:
         group.members.add(node.name)
         self.group_of[node.name] = group
 
+    def computed_inputs(self, node: Node) -> int:
+        return sum(1 for ref in node.inputs if ref in self.types and not is_static_source(self.nodes.get(ref)))
+
+    def weight_product(self, anchor: Node) -> bool:
+        """A product of an activation and a weight (or a dequantized weight)."""
+        right = anchor.inputs[1] if anchor.op is ops.MATMUL else None
+        if right is None or right.startswith("@"):
+            return right is not None
+        producer = self.nodes.get(right)
+        return producer is not None and all(ref.startswith("@") for ref in producer.inputs)
+
+    def takes_into_prologue(self, anchor: Node, node: Node) -> bool:
+        """``prologue_allows``, and: a weight product's kernels read the activation once per k (a
+        one-token product streams the weight past every k), so its prologue takes only ops of one
+        computed input -- ``silu(g) * u`` is computed once, not by every block of outputs."""
+        if not prologue_allows(anchor, node):
+            return False
+        return not self.weight_product(anchor) or self.computed_inputs(node) <= 1
+
     def grow_prologue(self, group: Group) -> None:
         grown = True
         while grown:
@@ -93,7 +123,7 @@ class Partitioner:
             for member in sorted(group.members):
                 for ref in self.nodes[member].inputs:
                     p = self.nodes.get(ref)
-                    if (self.fusible(p) and prologue_allows(group.anchor, p)
+                    if (self.fusible(p) and self.takes_into_prologue(group.anchor, p)
                             and self.internal(p.name, group.members)):
                         self.claim(group, p)
                         grown = True
@@ -129,10 +159,50 @@ class Partitioner:
                     continue
             self.claim(Group(None, node.name), node)
 
+    def prologue_of(self, group: Group) -> set:
+        """The anchor of ``group`` and the members it reads, directly or through other members."""
+        todo, seen = [group.anchor.name], {group.anchor.name}
+        while todo:
+            for ref in self.nodes[todo.pop()].inputs:
+                if ref in group.members and ref not in seen:
+                    seen.add(ref)
+                    todo.append(ref)
+        return seen
+
+    def can_absorb(self, target: Group, group: Group) -> bool:
+        """Whether ``target`` can compute the injective ``group`` itself: as part of an injective
+        kernel, or of a contraction's prologue (the reads of its operands)."""
+        if target.anchor is None:
+            return True
+        if not all(self.takes_into_prologue(target.anchor, self.nodes[m]) for m in group.members):
+            return False
+        readers = self.users[group.root] & target.members
+        return readers <= self.prologue_of(target)
+
+    def recompute(self) -> None:
+        """Injective groups whose value is read only inside other groups, each able to absorb it,
+        are computed inside each reader instead of as kernels of their own (last first, so chains
+        of such groups dissolve into the same readers)."""
+        order = {n.name: i for i, n in enumerate(self.fn.nodes)}
+        live = list({id(g): g for g in self.group_of.values()}.values())
+        for group in sorted((g for g in live if g.anchor is None), key=lambda g: -order[g.root]):
+            users = self.users.get(group.root, set())
+            if group.root in self.outputs or not users or not users <= self.group_of.keys():
+                continue
+            targets = [t for t in live if t is not group and t.members & users]   # copies read it too
+            if any(group.root in t.members or not self.can_absorb(t, group) for t in targets):
+                continue
+            for target in targets:
+                target.members |= group.members
+            for member in group.members:
+                self.group_of[member] = targets[0]
+            live.remove(group)
+
     def groups(self) -> list[Group]:
         """The groups worth outlining, ordered by the position of their root."""
         self.anchors()
         self.injective()
+        self.recompute()
         unique = {id(g): g for g in self.group_of.values()}.values()
         order = {n.name: i for i, n in enumerate(self.fn.nodes)}
         kept = [g for g in unique if self.worth_outlining(g)]

@@ -38,7 +38,7 @@ def base_name(members: list[Node], anchor: Node | None) -> str:
     return "fused_" + "_".join(names[:MAX_NAME_OPS])
 
 
-def _is_static_source(node: Node | None) -> bool:
+def is_static_source(node: Node | None) -> bool:
     return node is not None and node.op.category is OpCategory.SOURCE and node.type.is_static
 
 
@@ -81,7 +81,7 @@ class Outliner:
             for ref in node.inputs:
                 if ref in group.members or ref in externals or ref in sources:
                     continue
-                (sources if _is_static_source(nodes.get(ref)) else externals).append(ref)
+                (sources if is_static_source(nodes.get(ref)) else externals).append(ref)
         if externals:
             cloned.update(sources)
         else:   # a call needs an argument: a group of constants reads its sources as params
