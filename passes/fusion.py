@@ -100,13 +100,17 @@ class Partitioner:
     def computed_inputs(self, node: Node) -> int:
         return sum(1 for ref in node.inputs if ref in self.types and not is_static_source(self.nodes.get(ref)))
 
+    def from_weights(self, ref: str) -> bool:
+        """``ref`` is a weight, or a layout view / dequantize of weights (column panels, packed codes)."""
+        if ref.startswith("@"):
+            return True
+        node = self.nodes.get(ref)
+        return (node is not None and node.op.category is OpCategory.LAYOUT
+                and all(self.from_weights(i) for i in node.inputs))
+
     def weight_product(self, anchor: Node) -> bool:
-        """A product of an activation and a weight (or a dequantized weight)."""
-        right = anchor.inputs[1] if anchor.op is ops.MATMUL else None
-        if right is None or right.startswith("@"):
-            return right is not None
-        producer = self.nodes.get(right)
-        return producer is not None and all(ref.startswith("@") for ref in producer.inputs)
+        """A product of an activation and a weight (or a view or dequantize of weights)."""
+        return anchor.op is ops.MATMUL and self.from_weights(anchor.inputs[1])
 
     def takes_into_prologue(self, anchor: Node, node: Node) -> bool:
         """``prologue_allows``, and: a weight product's kernels read the activation once per k (a
