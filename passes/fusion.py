@@ -20,12 +20,14 @@ its root keeps the entry topologically ordered. Groups are built greedily in fou
 2. **Injective chains**: remaining elementwise/layout ops, visited in reverse program order, join
    the group of their users when all users are in one anchor-free group; otherwise they start one.
 3. **Recomputation**: an injective group whose value is read only inside other groups, each of
-   which can compute it (an injective group, or a contraction reading it in its prologue), is
-   copied into every reader and dropped, visiting the last groups first. The attention's
-   ``reshape -> transpose`` of q, read both by the rotary ``slice -> neg -> concat`` and by the
-   score product, becomes part of the score product's operand reads instead of two kernels that
-   write and re-read q. Each copy recomputes index arithmetic (and cheap element-wise ops) per
-   element it reads; a kernel launch and a round trip of the values through memory are saved.
+   which can compute it, is copied into every reader and dropped, visiting the last groups first.
+   A reader can compute it when it is an injective group, or a contraction reading it in its
+   prologue and reading each of those operand elements once (``A [.., M, K] @ B [.., K, N]`` reads
+   A's elements N times, B's M times; a copy would recompute them as often). In a one-token step the
+   attention's ``reshape -> transpose`` of q, read both by the rotary ``slice -> neg -> concat`` and
+   by the score product, becomes part of the score product's operand reads instead of two kernels
+   that write and re-read q: a kernel launch and a round trip through memory saved. With a prompt of
+   T tokens each q element is read T times, and the views stay kernels of their own.
 4. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
    whose params are the group's external inputs (weights are passed as call arguments), called
    from the entry by a ``call`` node that keeps the root's value name. Structurally identical
@@ -181,7 +183,30 @@ class Partitioner:
         if not all(self.takes_into_prologue(target.anchor, self.nodes[m]) for m in group.members):
             return False
         readers = self.users[group.root] & target.members
-        return readers <= self.prologue_of(target)
+        return readers <= self.prologue_of(target) and self.read_once(target, group.root)
+
+    def read_once(self, target: Group, root: str) -> bool:
+        """Whether the contraction of ``target`` reads each element of the operands that ``root``
+        feeds once: ``A [.., M, K] @ B [.., K, N]`` reads A's elements N times and B's M times, so a
+        copy in its prologue would be recomputed that often (a one-token score product: once)."""
+        anchor = target.anchor
+        shape = anchor.type.shape
+        if anchor.op is not ops.MATMUL or len(shape) < 2:
+            return False
+        reads = {0: shape[-1], 1: shape[-2]}
+        return all(reads[i] == 1 for i, ref in enumerate(anchor.inputs) if self.feeds(root, ref, target.members))
+
+    def feeds(self, root: str, ref: str, members: set) -> bool:
+        """Whether ``root`` is ``ref`` or is read, through ``members``, by the node defining ``ref``."""
+        todo, seen = [ref], set()
+        while todo:
+            name = todo.pop()
+            if name == root:
+                return True
+            if name in members and name not in seen:
+                seen.add(name)
+                todo.extend(self.nodes[name].inputs)
+        return False
 
     def recompute(self) -> None:
         """Injective groups whose value is read only inside other groups, each able to absorb it,

@@ -232,28 +232,28 @@ def test_fusion_rules_on_attention_and_swiglu():
     assert [n.op for n in body.nodes] == [ops.TRANSPOSE, ops.MATMUL, ops.CONSTANT, ops.MUL, ops.ADD]
 
 
-def rotary_scores() -> Module:
+def rotary_scores(T: int = 1) -> Module:
     """q and k views of one projection, each read by a rotate-half (slice, neg, concat) and by the
     rotary add, then the score product; a softmax and a second product read another view."""
     g = GraphMaker(seed=2)
-    qk = g.b.param("qk", TensorType(DType.f32, (1, 6, 16)))
+    qk = g.b.param("qk", TensorType(DType.f32, (1, T, 16)))
     heads = []
     for start in (0, 8):
         part = g(ops.SLICE, qk, axis=2, start=start, end=start + 8)
-        t = g(ops.TRANSPOSE, g(ops.RESHAPE, part, shape=[1, 6, 2, 4]), perm=[0, 2, 1, 3])
+        t = g(ops.TRANSPOSE, g(ops.RESHAPE, part, shape=[1, T, 2, 4]), perm=[0, 2, 1, 3])
         half = g(ops.CONCAT, g(ops.NEG, g(ops.SLICE, t, axis=3, start=2, end=4)), g(ops.SLICE, t, axis=3, end=2),
                  axis=3)
-        heads.append(g(ops.ADD, g(ops.MUL, t, g.weight(f"cos{start}", (6, 4))),
-                       g(ops.MUL, half, g.weight(f"sin{start}", (6, 4)))))
+        heads.append(g(ops.ADD, g(ops.MUL, t, g.weight(f"cos{start}", (T, 4))),
+                       g(ops.MUL, half, g.weight(f"sin{start}", (T, 4)))))
     scores = g(ops.MATMUL, heads[0], g(ops.TRANSPOSE, heads[1], perm=[0, 1, 3, 2]), name="scores")
-    view = g(ops.TRANSPOSE, g(ops.RESHAPE, qk, shape=[1, 6, 2, 8]), perm=[0, 2, 1, 3], name="view")
-    probs = g(ops.SOFTMAX, g(ops.ADD, scores, g(ops.SLICE, view, axis=3, end=6)), axis=-1, name="probs")
+    view = g(ops.TRANSPOSE, g(ops.RESHAPE, qk, shape=[1, T, 2, 8]), perm=[0, 2, 1, 3], name="view")
+    probs = g(ops.SOFTMAX, g(ops.ADD, scores, g(ops.SLICE, view, axis=3, end=T)), axis=-1, name="probs")
     return g.module(g(ops.MATMUL, probs, view, name="out"))
 
 
 def test_views_read_by_several_kernels_are_recomputed_in_each():
-    """The q and k views (each read by the rotate-half and by the rotary add) become reads of the
-    score product. A slice read by the scores' epilogue stays a kernel (an epilogue reads computed
+    """One token: the q and k views (each read by the rotate-half and by the rotary add) become
+    reads of the score product. A slice read by the scores' epilogue stays a kernel (an epilogue reads computed
     values only); the view it slices is recomputed there and in the last product's prologue."""
     before = rotary_scores()
     module = run_pass("fuse", before).module
@@ -265,6 +265,17 @@ def test_views_read_by_several_kernels_are_recomputed_in_each():
     assert [n.op for n in bodies[0].nodes] == [ops.RESHAPE, ops.TRANSPOSE, ops.SLICE]
     assert [n.op for n in bodies[3].nodes] == [ops.RESHAPE, ops.TRANSPOSE, ops.MATMUL]
     assert sum(n.op is ops.CONCAT for n in bodies[1].nodes) == 2
+    assert_same_outputs(before, module)
+
+
+def test_views_a_prompt_product_reads_many_times_stay_kernels():
+    """Six tokens: the last product reads each element of the value view six times, so the view is
+    not recomputed in it; it stays one kernel that the slice kernel and the product both read."""
+    before = rotary_scores(T=6)
+    module = run_pass("fuse", before).module
+    fused_invariants(module)
+    bodies = [[n.op for n in module.functions[n.callee].nodes] for n in module.main.nodes if n.op is ops.CALL]
+    assert bodies[0] == [ops.RESHAPE, ops.TRANSPOSE] and bodies[1] == [ops.SLICE] and bodies[-1] == [ops.MATMUL]
     assert_same_outputs(before, module)
 
 _UNARY = [ops.EXP, ops.TANH, ops.NEG, ops.SIGMOID, ops.ABS]
