@@ -63,7 +63,13 @@ def cosine(a, b) -> float:
 
 
 def write_results(name: str, data: dict) -> Path:
+    """``bench/results/<name>-<date>.json``; a later run of the same day gets ``-run2``, ``-run3``, ...
+    so that no recorded result is overwritten."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    stem = f"{name}-{time.strftime('%Y-%m-%d')}"
+    path, run = RESULTS_DIR / f"{stem}.json", 1
+    while path.exists():
+        run += 1
+        path = RESULTS_DIR / f"{stem}-run{run}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
