@@ -63,7 +63,7 @@ def _product(node: Node, producers: dict[str, Node], users: dict[str, list], out
     if node.op is not ops.MATMUL or node.inputs[0].startswith("@"):
         return None
     right = node.inputs[1]
-    dequantize = producers.get(right)
+    dequantize = producers.get(right)      # None for a weight
     if right.startswith("@"):
         weights = (right,)
     elif (dequantize is not None and dequantize.op is ops.DEQUANTIZE and right not in outputs
@@ -71,8 +71,6 @@ def _product(node: Node, producers: dict[str, Node], users: dict[str, list], out
         weights = dequantize.inputs
     else:
         return None
-    if right.startswith("@"):
-        dequantize = None
     mine = users.get(node.name, ())
     cast = mine[0] if len(mine) == 1 and mine[0].op is ops.CAST and node.name not in outputs else None
     return Product(node, weights, dequantize, cast)
@@ -121,8 +119,9 @@ def merged_weight_name(names: list[str]) -> str:
 class _Merger:
     """Rewrites one function, merging its groups."""
 
-    def __init__(self, module: Module, fn: Function, weights: dict[str, Weight]):
+    def __init__(self, module: Module, fn: Function, weights: dict[str, Weight], merged: dict[tuple, str]):
         self.rw = Rewriter(module, fn, weights)
+        self.merged = merged      # member weight refs -> their concatenation, shared by the entries
         self.groups = parallel_groups(fn, module)
         self.first = {g[0].matmul.name: g for g in self.groups}
         self.skipped = {n.name for g in self.groups for p in g for n in p.nodes}
@@ -136,17 +135,22 @@ class _Merger:
         return self.rw.finish()
 
     def concatenated(self, group: list[Product], index: int) -> str:
-        refs = [p.weights[index] for p in group]
-        arrays = [self.rw.weights[r[1:]].array for r in refs]
-        return add_weight(self.rw.weights, merged_weight_name([r[1:] for r in refs]),
-                          np.ascontiguousarray(np.concatenate(arrays, axis=1)))
+        """The concatenation of the members' ``index``-th weights (made once: prefill and decode
+        read the same weights)."""
+        refs = tuple(p.weights[index] for p in group)
+        if refs not in self.merged:
+            arrays = [self.rw.weights[r[1:]].array for r in refs]
+            self.merged[refs] = add_weight(self.rw.weights, merged_weight_name([r[1:] for r in refs]),
+                                           np.ascontiguousarray(np.concatenate(arrays, axis=1)))
+        return self.merged[refs]
 
     def emit(self, group: list[Product]) -> None:
         rw, lead = self.rw, group[0]
         weights = [self.concatenated(group, i) for i in range(len(lead.weights))]
         right = weights[0]
         if lead.dequantize is not None:
-            right = rw.add(ops.DEQUANTIZE, weights, dict(lead.dequantize.attrs.items()), name=f"{lead.matmul.name}_weights")
+            right = rw.add(ops.DEQUANTIZE, weights, dict(lead.dequantize.attrs.items()),
+                           name=f"{lead.matmul.name}_weights")
         value = rw.add(ops.MATMUL, [rw.ref(lead.matmul.inputs[0]), right], dict(lead.matmul.attrs.items()),
                        name=f"{lead.matmul.name}_merged")
         if lead.cast is not None:
@@ -163,10 +167,10 @@ class _Merger:
 @register_pass("merge_parallel_products")
 def merge_parallel_products(module: Module) -> PassResult:
     """Concatenate the weights of products sharing a left operand (q/k/v, gate/up) into one product."""
-    weights = dict(module.weights)
+    weights, concatenations = dict(module.weights), {}
     functions, merged, groups = {}, 0, 0
     for name, fn in module.functions.items():
-        merger = _Merger(module, fn, weights)
+        merger = _Merger(module, fn, weights, concatenations)
         if not merger.groups:
             functions[name] = fn
             continue
@@ -177,7 +181,7 @@ def merge_parallel_products(module: Module) -> PassResult:
         return PassResult(module, False, {"groups": 0, "products_merged": 0})
     result = Module(functions, weights, module.metadata)
     used = result.used_weights()
-    dropped = {w for w in set(module.used_weights()) - used}
+    dropped = module.used_weights() - used
     kept = {name: w for name, w in weights.items() if name not in dropped}
     return PassResult(result.with_weights(kept), True, {"groups": groups, "products_merged": merged,
                                                         "weights_dropped": len(dropped)})

@@ -20,6 +20,17 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 F32, I64 = DType.f32, DType.i64
 
 
+def assert_same_outputs(before: Module, after: Module, inputs=None) -> None:
+    """The interpreter gives ``after`` the outputs of ``before`` (passmanager.compare_outputs)."""
+    from slimgraph.compiler import interpreter
+    from slimgraph.compiler.passmanager import compare_outputs, make_sample_inputs
+
+    inputs = inputs if inputs is not None else make_sample_inputs(before)
+    for ref, got in zip(interpreter.run(before, inputs), interpreter.run(after, inputs), strict=True):
+        cmp = compare_outputs(ref, got)
+        assert cmp.ok, cmp.message
+
+
 def assert_golden(name: str, text: str) -> None:
     path = GOLDEN_DIR / f"{name}.ir"
     if os.environ.get("SLIMGRAPH_UPDATE_GOLDEN") == "1":

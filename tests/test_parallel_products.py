@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from golden_util import GraphMaker, assert_golden
+from golden_util import GraphMaker, assert_golden, assert_same_outputs
 
-from slimgraph.compiler import interpreter, ops
+from slimgraph.compiler import ops
 from slimgraph.compiler.ir import Module
-from slimgraph.compiler.passmanager import compare_outputs, get_pass, make_sample_inputs, run_pipeline
+from slimgraph.compiler.passmanager import get_pass, run_pipeline
 from slimgraph.compiler.printer import print_module
 from slimgraph.compiler.types import DType, TensorType
 from slimgraph.passes.parallel_products import merged_weight_name
@@ -19,13 +19,6 @@ D = 8
 
 def merge(module: Module):
     return get_pass("merge_parallel_products").run(module)
-
-
-def assert_same_outputs(before: Module, after: Module) -> None:
-    inputs = make_sample_inputs(before)
-    for ref, got in zip(interpreter.run(before, inputs), interpreter.run(after, inputs), strict=True):
-        cmp = compare_outputs(ref, got)
-        assert cmp.ok, cmp.message
 
 
 def quantized(g: GraphMaker, name: str, columns: int, *, group: int = 4, rows: int = D) -> str:

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from golden_util import (
-    GraphMaker, assert_golden, causal_attention, conv_batch_norm, layer_norm_primitives, layout_noise,
-    llama_block, softmax_primitives,
+    GraphMaker, assert_golden, assert_same_outputs, causal_attention, conv_batch_norm, layer_norm_primitives,
+    layout_noise, llama_block, softmax_primitives,
 )
 from slimgraph.compiler import interpreter, ops
 from slimgraph.compiler.ir import FunctionKind, Module
@@ -33,13 +33,6 @@ PASSES = ("fold_constants", "simplify", "cse", "dce", "fuse")
 
 def run_pass(name: str, module: Module):
     return get_pass(name).run(module)
-
-
-def assert_same_outputs(before: Module, after: Module, inputs=None) -> None:
-    inputs = inputs if inputs is not None else make_sample_inputs(before)
-    for ref, got in zip(interpreter.run(before, inputs), interpreter.run(after, inputs)):
-        cmp = compare_outputs(ref, got)
-        assert cmp.ok, cmp.message
 
 
 def weight_snapshot(module: Module) -> dict:
