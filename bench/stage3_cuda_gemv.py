@@ -27,8 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage3_cuda import copy_bandwidth  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / ".device" / "gemv"
-SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048), (2048, 32000),
-          (576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+# [K, N] of the one-token products the builds run (q/k/v and gate/up merged by merge_parallel_products),
+# then the separate q, k/v and gate/up products of an unmerged build
+SHAPES = [(2048, 2560), (2048, 2048), (2048, 11264), (5632, 2048), (2048, 32000),
+          (576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152),
+          (2048, 256), (2048, 5632), (576, 192), (576, 1536)]
 GROUP = 128
 L2_ROTATION_BYTES = 160e6
 
