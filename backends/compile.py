@@ -42,7 +42,7 @@ def build_artifact_files(module: Module, directory: Path, options, *, on_event=l
     tuned, tuning = _tuning_pass(options, spec, on_event)
     executable = build_executable(lowered, spec, schedule=options.schedule, tuned=tuned)
     if tuned is not None:
-        for kind in ("matched", "fallback", "kept_default"):
+        for kind in ("matched", "fallback", "kept_default", "default_not_measured"):
             tuning[kind] = sorted(tuning.get(kind, []))
     export_library(executable, spec, str(directory / LIBRARY))
     timings["build"] = time.perf_counter() - t0

@@ -25,11 +25,15 @@ as failures by MetaSchedule and tuning continues with the servers left.
 
 Baseline. Each task's kernel is also measured once with the target's default (untuned) schedule,
 by the same builder and runner, and that time is kept in ``slimgraph-tuning.json``: a search that
-found nothing faster within its trials must not make the build slower.
+found nothing faster within its trials must not make the build slower. The time is keyed by the
+default-scheduled kernel itself, so when slimgraph's default schedules change, the old time no
+longer matches and the next ``tune`` run measures the new default (and nothing else).
 
 Applying. ``tuned_schedules_pass`` gives each kernel found in the database its best schedule when
 that beats the recorded default, and counts matches; the target's default schedules handle the
-rest (reported as fallbacks, or as ``kept_default`` where the default measured faster).
+rest: fallbacks (no records), ``kept_default`` (the default measured faster) and
+``default_not_measured`` (records, but no time for today's default schedule: comparing against
+nothing could make the build slower, so the default stays until ``tune`` measures it).
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class TuningDatabase:
     usable: bool = True
     warning: str | None = None
     _db: ms.database.JSONDatabase | None = field(default=None, repr=False)
+    _default_keys: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -129,12 +134,21 @@ class TuningDatabase:
     def _meta(self) -> Path:
         return self.folder / META_FILE
 
+    def default_key(self, func: tirx.PrimFunc) -> str:
+        """Key of ``func`` as the target's default schedule compiles it today."""
+        key = workload_key(func)
+        if key not in self._default_keys:
+            self._default_keys[key] = workload_key(family_of(self.spec).default_schedule(func, self.spec))
+        return self._default_keys[key]
+
     def default_seconds(self, func: tirx.PrimFunc) -> float | None:
-        """The recorded time of ``func`` under the default schedule (None: never measured)."""
-        return json.loads(self._meta.read_text()).get("default_seconds", {}).get(workload_key(func))
+        """The recorded time of ``func`` under today's default schedule (None: never measured)."""
+        return json.loads(self._meta.read_text()).get("default_seconds", {}).get(self.default_key(func))
 
     def record_default(self, func: tirx.PrimFunc, seconds: float) -> None:
-        self._set("default_seconds", func, seconds)
+        meta = json.loads(self._meta.read_text())
+        meta.setdefault("default_seconds", {})[self.default_key(func)] = seconds
+        self._meta.write_text(json.dumps(meta, indent=1))
 
     def exhausted(self, func: tirx.PrimFunc) -> bool:
         """Whether a search of ``func`` ended with fewer records than asked: its space holds no more."""
@@ -211,18 +225,24 @@ def tuned_schedules_pass(db: TuningDatabase, report: dict) -> tvm.transform.Pass
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get(SCHEDULED_ATTR, False):
                 continue
-            tuned = db.schedule_for(func)
-            best, default = db.best_seconds(func), db.default_seconds(func)
-            if tuned is not None and best is not None and default is not None and best >= default:
-                tuned, kind = None, "kept_default"
-            else:
-                kind = "matched" if tuned is not None else "fallback"
+            tuned, kind = _tuned_or_default(db, func)
             report.setdefault(kind, []).append(gvar.name_hint)
             if tuned is not None:
                 mod[gvar] = tuned
         return mod
 
     return _pass
+
+
+def _tuned_or_default(db: TuningDatabase, func: tirx.PrimFunc) -> tuple[tirx.PrimFunc | None, str]:
+    """(the tuned kernel or None for the default schedule, the report list it belongs to)."""
+    tuned = db.schedule_for(func)
+    if tuned is None:
+        return None, "fallback"
+    best, default = db.best_seconds(func), db.default_seconds(func)
+    if default is None or best is None:
+        return None, "default_not_measured"
+    return (None, "kept_default") if best >= default else (tuned, "matched")
 
 
 def check_tracker(address: str) -> tuple[str, int]:

@@ -118,6 +118,9 @@ def run_compile(*, model, output, target, mcpu, arch=None, fp16=False, passes, s
                   f"{len(tuning['kept_default'])} kept their default schedule (faster than the tuned one), "
                   f"{len(tuning['fallback'])} untuned on default schedules ({', '.join(tuning['fallback'][:8])}"
                   f"{' ...' if len(tuning['fallback']) > 8 else ''})")
+            if tuning["default_not_measured"]:
+                print(f"{len(tuning['default_not_measured'])} kernels have records but no time for today's default "
+                      f"schedule and keep it: run `slimgraph tune` on this database to measure it")
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -96,6 +96,30 @@ def test_compile_applies_tuned_schedules_that_beat_the_default(tuned_db, tmp_pat
                                rtol=1e-4, atol=1e-4)
 
 
+def test_default_time_of_an_older_default_schedule_is_not_compared_and_tune_remeasures_it(tuned_db, tmp_path):
+    """Default times are keyed by the default-scheduled kernel: after slimgraph's default schedules
+    change, compile keeps the default (no time to compare against) until a rerun of tune measures
+    the new default, and that rerun measures no new tuning records."""
+    db, result, _ = tuned_db
+    copy = with_default_seconds(db, result, tmp_path, 1e3)
+    meta = copy / result["target"] / "slimgraph-tuning.json"
+    data = json.loads(meta.read_text())
+    data["default_seconds"] = {f"older-default-{key}": s for key, s in data["default_seconds"].items()}
+    meta.write_text(json.dumps(data))
+    module = two_kernel_model()
+    report = json.loads((compile_model(module, tmp_path / "stale", CompileOptions(tuning_db=copy))
+                         / "report.json").read_text())["tuning"]
+    assert len(report["default_not_measured"]) == len(result["tasks"]) and not report["matched"]
+    before = record_lines(copy / result["target"])
+    again, _ = tune(module, copy)
+    assert again["measured"] == 0 and all(row["default_s"] > 0 for row in again["tasks"])
+    assert record_lines(copy / result["target"]) == before
+    report = json.loads((compile_model(module, tmp_path / "fresh", CompileOptions(tuning_db=copy))
+                         / "report.json").read_text())["tuning"]
+    assert not report["default_not_measured"]
+    assert len(report["matched"]) + len(report["kept_default"]) == len(result["tasks"])
+
+
 def test_database_of_another_version_is_ignored_or_refused(tuned_db, tmp_path):
     import shutil
 

@@ -32,7 +32,7 @@ from . import _prologue
 from ._generic import parallel_vectorize
 from ._analysis import Contraction, analyze_contraction, const_extent, divisible, is_reduction, root_blocks
 
-MR = 4  # rows of A per micro tile
+MR = 6  # rows of A per micro tile: 6 x NR_VECTORS = 24 accumulators, with the B row and a broadcast 29 of 32 registers
 NR_VECTORS = 4  # vector registers per accumulator row (MR x NR_VECTORS accumulators)
 PANEL_TILES = 1  # micro tiles per packed B panel
 MIN_DEPTH = 4  # shorter reductions, e.g. an outer product, use the generic schedules
