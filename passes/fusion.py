@@ -86,6 +86,7 @@ class Partitioner:
         self.group_of: dict[str, Group] = {}
         self.types = {p.name: p.type for p in fn.params}
         self.types.update((n.name, n.type) for n in fn.nodes)
+        self.order = {n.name: i for i, n in enumerate(fn.nodes)}   # program position
 
     def fusible(self, node: Node | None) -> bool:
         return (node is not None and node.name not in self.group_of and node.op.pure
@@ -165,15 +166,21 @@ class Partitioner:
                     continue
             self.claim(Group(None, node.name), node)
 
+    def upstream(self, start: str, members: set) -> set:
+        """``start`` and every value read from it through ``members`` (the inputs of a member are
+        followed, those of a non-member are not)."""
+        todo, seen = [start], {start}
+        while todo:
+            name = todo.pop()
+            if name in members:
+                fresh = [ref for ref in self.nodes[name].inputs if ref not in seen]
+                seen.update(fresh)
+                todo.extend(fresh)
+        return seen
+
     def prologue_of(self, group: Group) -> set:
         """The anchor of ``group`` and the members it reads, directly or through other members."""
-        todo, seen = [group.anchor.name], {group.anchor.name}
-        while todo:
-            for ref in self.nodes[todo.pop()].inputs:
-                if ref in group.members and ref not in seen:
-                    seen.add(ref)
-                    todo.append(ref)
-        return seen
+        return self.upstream(group.anchor.name, group.members) & group.members
 
     def can_absorb(self, target: Group, group: Group) -> bool:
         """Whether ``target`` can compute the injective ``group`` itself: as part of an injective
@@ -194,27 +201,15 @@ class Partitioner:
         if anchor.op is not ops.MATMUL or len(shape) < 2:
             return False
         reads = {0: shape[-1], 1: shape[-2]}
-        return all(reads[i] == 1 for i, ref in enumerate(anchor.inputs) if self.feeds(root, ref, target.members))
-
-    def feeds(self, root: str, ref: str, members: set) -> bool:
-        """Whether ``root`` is ``ref`` or is read, through ``members``, by the node defining ``ref``."""
-        todo, seen = [ref], set()
-        while todo:
-            name = todo.pop()
-            if name == root:
-                return True
-            if name in members and name not in seen:
-                seen.add(name)
-                todo.extend(self.nodes[name].inputs)
-        return False
+        return all(reads[i] == 1 for i, ref in enumerate(anchor.inputs)
+                   if root in self.upstream(ref, target.members))
 
     def recompute(self) -> None:
         """Injective groups whose value is read only inside other groups, each able to absorb it,
         are computed inside each reader instead of as kernels of their own (last first, so chains
         of such groups dissolve into the same readers)."""
-        order = {n.name: i for i, n in enumerate(self.fn.nodes)}
-        live = list({id(g): g for g in self.group_of.values()}.values())
-        for group in sorted((g for g in live if g.anchor is None), key=lambda g: -order[g.root]):
+        live = self.distinct_groups()
+        for group in sorted((g for g in live if g.anchor is None), key=lambda g: -self.order[g.root]):
             users = self.users.get(group.root, set())
             if group.root in self.outputs or not users or not users <= self.group_of.keys():
                 continue
@@ -232,10 +227,11 @@ class Partitioner:
         self.anchors()
         self.injective()
         self.recompute()
-        unique = {id(g): g for g in self.group_of.values()}.values()
-        order = {n.name: i for i, n in enumerate(self.fn.nodes)}
-        kept = [g for g in unique if self.worth_outlining(g)]
-        return sorted(kept, key=lambda g: order[g.root])
+        kept = [g for g in self.distinct_groups() if self.worth_outlining(g)]
+        return sorted(kept, key=lambda g: self.order[g.root])
+
+    def distinct_groups(self) -> list[Group]:
+        return list({id(g): g for g in self.group_of.values()}.values())
 
     def worth_outlining(self, group: Group) -> bool:
         if len(group.members) == 1 and self.nodes[group.root].op is ops.RESHAPE:
