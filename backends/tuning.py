@@ -84,7 +84,7 @@ class TuningDatabase:
     usable: bool = True
     warning: str | None = None
     _db: ms.database.JSONDatabase | None = field(default=None, repr=False)
-    _default_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    _defaults: dict[str, tirx.PrimFunc] = field(default_factory=dict, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -134,32 +134,31 @@ class TuningDatabase:
     def _meta(self) -> Path:
         return self.folder / META_FILE
 
-    def default_key(self, func: tirx.PrimFunc) -> str:
-        """Key of ``func`` as the target's default schedule compiles it today."""
+    def default_scheduled(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
+        """``func`` under the target's default schedule as slimgraph compiles it today (made once)."""
         key = workload_key(func)
-        if key not in self._default_keys:
-            self._default_keys[key] = workload_key(family_of(self.spec).default_schedule(func, self.spec))
-        return self._default_keys[key]
+        if key not in self._defaults:
+            self._defaults[key] = family_of(self.spec).default_schedule(func, self.spec)
+        return self._defaults[key]
 
     def default_seconds(self, func: tirx.PrimFunc) -> float | None:
         """The recorded time of ``func`` under today's default schedule (None: never measured)."""
-        return json.loads(self._meta.read_text()).get("default_seconds", {}).get(self.default_key(func))
+        key = workload_key(self.default_scheduled(func))
+        return json.loads(self._meta.read_text()).get("default_seconds", {}).get(key)
 
     def record_default(self, func: tirx.PrimFunc, seconds: float) -> None:
-        meta = json.loads(self._meta.read_text())
-        meta.setdefault("default_seconds", {})[self.default_key(func)] = seconds
-        self._meta.write_text(json.dumps(meta, indent=1))
+        self._set("default_seconds", workload_key(self.default_scheduled(func)), seconds)
 
     def exhausted(self, func: tirx.PrimFunc) -> bool:
         """Whether a search of ``func`` ended with fewer records than asked: its space holds no more."""
         return workload_key(func) in json.loads(self._meta.read_text()).get("exhausted", {})
 
     def record_exhausted(self, func: tirx.PrimFunc) -> None:
-        self._set("exhausted", func, self.records_for(func))
+        self._set("exhausted", workload_key(func), self.records_for(func))
 
-    def _set(self, section: str, func: tirx.PrimFunc, value) -> None:
+    def _set(self, section: str, key: str, value) -> None:
         meta = json.loads(self._meta.read_text())
-        meta.setdefault(section, {})[workload_key(func)] = value
+        meta.setdefault(section, {})[key] = value
         self._meta.write_text(json.dumps(meta, indent=1))
 
     def schedule_for(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -176,10 +175,10 @@ def workload_key(func: tirx.PrimFunc) -> str:
     return str(tvm_ffi.structural_hash(task_module(func)))
 
 
-def measure_default(func: tirx.PrimFunc, spec: TargetSpec, runner) -> float | None:
-    """Seconds of ``func`` under the target's default schedule, built and run like a tuning
-    candidate (None if that build or run fails)."""
-    mod = task_module(family_of(spec).default_schedule(func, spec))
+def measure_default(scheduled: tirx.PrimFunc, spec: TargetSpec, runner) -> float | None:
+    """Seconds of a kernel under the target's default schedule (``scheduled``), built and run like a
+    tuning candidate (None if that build or run fails)."""
+    mod = task_module(scheduled)
     target = spec.tvm_target()
     (built,) = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S).build([ms.builder.BuilderInput(mod, target)])
     if built.error_msg:
@@ -297,7 +296,7 @@ def tune_kernel(name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int,
     have = db.records_for(func)
     row = {"task": name, "records_before": have, "trials": trials}
     if db.default_seconds(func) is None:
-        seconds = measure_default(func, db.spec, runner)
+        seconds = measure_default(db.default_scheduled(func), db.spec, runner)
         if seconds is not None:
             db.record_default(func, seconds)
     row["default_s"] = db.default_seconds(func)
