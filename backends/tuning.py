@@ -316,6 +316,19 @@ def tune_kernel(name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int,
     return {**row, "measured": progress.trials - have, "best_s": db.best_seconds(func)}
 
 
+def _tune_task(index: int, tasks: int, name: str, func: tirx.PrimFunc, db: TuningDatabase, trials: int, runner,
+               on_event: EventFn, cost_model: str) -> dict:
+    """One task's summary row: tuned, or skipped for its symbolic shapes."""
+    if has_symbolic_shapes(func):
+        row = {"task": name, "records_before": 0, "trials": trials, "measured": 0, "best_s": None,
+               "skipped": "symbolic shape (MetaSchedule tunes static shapes: compile with --shape)"}
+    else:
+        on_event("tune_task", {"task": name, "index": index, "tasks": tasks, "records": db.records_for(func)})
+        row = tune_kernel(name, func, db, trials, runner, on_event=on_event, cost_model=cost_model)
+    on_event("tune_task_end", row)
+    return row
+
+
 def tune_module(ir_module: tvm.IRModule, spec: TargetSpec, db_dir: str | Path, trials: int, *,
                 rpc_tracker: str | None = None, rpc_key: str | None = None, on_event: EventFn,
                 cost_model: str = "xgb") -> dict:
@@ -323,19 +336,15 @@ def tune_module(ir_module: tvm.IRModule, spec: TargetSpec, db_dir: str | Path, t
     if trials < 1:
         raise TuningError(f"--trials must be at least 1, got {trials}")
     runner = make_runner(rpc_tracker, rpc_key, workers=max(1, spec.num_cores))
-    db = TuningDatabase.open(db_dir, spec, create=True)
-    if not db.usable:
-        raise TuningError(f"{db.warning}; tune into another --db directory")
-    kernels = extract_kernels(ir_module, spec)
-    on_event("tune_start", {"tasks": len(kernels), "database": str(db.folder)})
-    rows = []
-    for index, (name, func) in enumerate(kernels):
-        if has_symbolic_shapes(func):
-            rows.append({"task": name, "records_before": 0, "trials": trials, "measured": 0, "best_s": None,
-                         "skipped": "symbolic shape (MetaSchedule tunes static shapes: compile with --shape)"})
-        else:
-            on_event("tune_task", {"task": name, "index": index, "tasks": len(kernels), "records": db.records_for(func)})
-            rows.append(tune_kernel(name, func, db, trials, runner, on_event=on_event, cost_model=cost_model))
-        on_event("tune_task_end", rows[-1])
+    try:
+        db = TuningDatabase.open(db_dir, spec, create=True)
+        if not db.usable:
+            raise TuningError(f"{db.warning}; tune into another --db directory")
+        kernels = extract_kernels(ir_module, spec)
+        on_event("tune_start", {"tasks": len(kernels), "database": str(db.folder)})
+        rows = [_tune_task(index, len(kernels), name, func, db, trials, runner, on_event, cost_model)
+                for index, (name, func) in enumerate(kernels)]
+    finally:
+        runner.pool.shutdown()  # the runner's measuring processes end with the tuning, not with Python
     return {"database": str(db.folder), "target": target_key(spec), "tasks": rows,
             "measured": sum(r["measured"] for r in rows)}

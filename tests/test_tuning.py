@@ -48,6 +48,26 @@ def record_lines(folder) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def measuring_workers() -> list[int]:
+    """Live child processes of this one that run TVM's measuring workers (``tvm.exec.popen_worker``)."""
+    pids = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if b"popen_worker" in command and state != "Z":
+            found.append(pid)
+    return found
+
+
 @pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory):
     db = tmp_path_factory.mktemp("tuning")
@@ -68,6 +88,7 @@ def test_records_land_and_rerun_measures_nothing(tuned_db):
     again, _ = tune(two_kernel_model(), db)
     assert again["measured"] == 0 and all(r["skipped"] == "already tuned" for r in again["tasks"])
     assert record_lines(folder) == before
+    assert measuring_workers() == [], "tuning ends its measuring processes"
 
 
 def with_default_seconds(db, result, tmp_path, seconds: float):
