@@ -78,6 +78,13 @@ def check_machine_code(library: str) -> None:
                           hint="TVM's CUDA runtime was not loaded at build time; this is a slimgraph bug")
 
 
+def reads_words_transposed(rows: int, outputs: int) -> bool:
+    """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA: where N >= K. There the
+    one-token product over the transposed words (DLight's ``GEMV``) beats slimgraph's ``ColumnGEMV``
+    over ``[K, N]`` words; where K > N (a down projection) it loses (``bench/stage3_cuda_gemv.py``)."""
+    return outputs >= rows
+
+
 class CudaFamily:
     """NVIDIA GPUs through TVM's CUDA backend with DLight schedules."""
 
@@ -108,8 +115,13 @@ class CudaFamily:
         return lowering_passes(spec.tvm_target())
 
     def graph_passes(self, spec) -> list:
-        """None: GPU kernels read the weights in their own layout (GEMV rows, tiled matmuls)."""
-        return []
+        """Quantized words transposed where the one-token products read them faster so (``pack_weights``)."""
+        from slimgraph.compiler.types import DType
+        from slimgraph.passes.pack_weights import pack_weights_pass
+
+        return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed,
+                                  description="quantized words of products with N >= K stored transposed, "
+                                              "K contiguous per output (DLight's GEMV layout)")]
 
     def default_schedule(self, func, spec):
         from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel

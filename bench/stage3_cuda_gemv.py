@@ -1,13 +1,15 @@
 """Stage-3 GPU kernels: one-token int4 products (dequantize fused into the GEMV) under both CUDA
-schedules of ``backends/schedules/gpu_gemv.py``, side by side on the GPU machine.
+schedules of ``backends/schedules/gpu_gemv.py`` and over transposed words, side by side on the GPU machine.
 
     python bench/stage3_cuda_gemv.py prepare               # here: build the kernels into .device/gemv
     python bench/stage3_cuda_gemv.py measure --out $OUT    # GPU machine (runtime bundle sourced)
     python bench/stage3_cuda_gemv.py report RUN.json       # here: table + bench/results/stage3-cuda-gemv-<date>.json
 
 For each product shape [K -> N] of SmolLM2-135M and of a TinyLlama-1.1B-shaped model (int4, group
-128, float16 activations), the kernel is built three times: with the "column-threads" schedule, with
-the "vector-lanes" schedule, and as ``ColumnGEMV`` chooses. On the GPU each one runs on random
+128, float16 activations), the kernel is built over words stored [K / 8, N] with the "column-threads"
+and the "vector-lanes" schedule, and over words stored transposed ([N, K / 8], as ``pack_weights``
+stores them for CUDA) with DLight's ``GEMV`` rule ("transposed-gemv"). "chosen" is the kernel a CUDA
+build uses for that shape (the layout ``reads_words_transposed`` picks, then the rule's schedule). On the GPU each one runs on random
 words, scales and zero points whose copies together exceed the L2 cache (160 MB, rotated call by
 call, so every call reads its weights from device memory); its GPU time per call comes from CUPTI
 (torch.profiler), its result is checked against a numpy reference, and its bytes of weights read
@@ -36,8 +38,9 @@ GROUP = 128
 L2_ROTATION_BYTES = 160e6
 
 
-def _product(rows: int, outputs: int):
-    """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it."""
+def _product(rows: int, outputs: int, transposed: bool = False):
+    """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it;
+    ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``' chain."""
     import tvm
     from tvm import tirx
 
@@ -52,7 +55,12 @@ def _product(rows: int, outputs: int):
     groups = -(-rows // GROUP)
     b = FunctionBuilder("main", {})
     x = b.param("x", TensorType(DType.f16, (1, 1, rows)))
-    words = b.param("w", TensorType(DType.u32, (rows // 8, outputs)))
+    if transposed:
+        stored = b.param("w", TensorType(DType.u32, (outputs, rows // 8, 1)))
+        turned = b.add(ops.TRANSPOSE, [stored], {"perm": (1, 0, 2)})
+        words = b.add(ops.RESHAPE, [turned], {"shape": (rows // 8, outputs)})
+    else:
+        words = b.param("w", TensorType(DType.u32, (rows // 8, outputs)))
     scales = b.param("s", TensorType(DType.f16, (groups, outputs)))
     zeros = b.param("z", TensorType(DType.f16, (groups, outputs)))
     weight = b.add(ops.DEQUANTIZE, [words, scales, zeros], {"bits": 4, "group_size": GROUP, "rows": rows, "dtype": DType.f16})
@@ -65,11 +73,15 @@ def _product(rows: int, outputs: int):
     return func, target
 
 
+TRANSPOSED = "transposed-gemv"
+
+
 def prepare(_args) -> None:
     import tvm
 
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.schedules.gpu_gemv import SCHEDULES, ColumnGEMV
+    from slimgraph.backends.targets_cuda import reads_words_transposed
 
     FOLDER.mkdir(parents=True, exist_ok=True)
     meta = {}
@@ -78,20 +90,24 @@ def prepare(_args) -> None:
         kernels, chosen = {}, None
         with target:
             for name in (*SCHEDULES, None):
-                rules = [ColumnGEMV(name)]
-                scheduled, rule = gpu.schedule_prim_func(func, target, rules)
+                scheduled, rule = gpu.schedule_prim_func(func, target, [ColumnGEMV(name)])
                 if rule is None:
                     continue
                 if name is None:
                     chosen = next(n for n, k in kernels.items() if k.script() == scheduled.script())
                     continue
                 kernels[name] = scheduled
+            scheduled, rule = gpu.schedule_prim_func(_product(rows, outputs, transposed=True)[0], target,
+                                                     gpu.default_rules())
+            assert rule == "GEMV", f"[{rows} -> {outputs}] transposed words scheduled by {rule}"
+            kernels[TRANSPOSED] = scheduled
+            chosen = TRANSPOSED if reads_words_transposed(rows, outputs) else chosen
             symbols = {name: name.replace("-", "_") for name in kernels}
             library = tvm.tirx.build(tvm.IRModule({symbols[n]: k.with_attr("global_symbol", symbols[n])
                                                    for n, k in kernels.items()}), target=target)
         library.export_library(str(FOLDER / f"gemv_{rows}x{outputs}.so"))
         meta[f"{rows}x{outputs}"] = {"library": f"gemv_{rows}x{outputs}.so", "kernels": symbols, "chosen": chosen}
-        print(f"[{rows} -> {outputs}] built {sorted(kernels)}, ColumnGEMV takes {chosen}", flush=True)
+        print(f"[{rows} -> {outputs}] built {sorted(kernels)}, a CUDA build takes {chosen}", flush=True)
     (FOLDER / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -137,11 +153,13 @@ def measure(args) -> None:
         reference = _reference(x, words, scales, zeros, rows)
         weight_bytes = words.nbytes + scales.nbytes + zeros.nbytes
         copies = int(min(64, max(2, -(-L2_ROTATION_BYTES // weight_bytes))))
-        sets = [[tvm.runtime.tensor(a, dev) for a in (words, scales, zeros)] for _ in range(copies)]
+        layouts = {"rows": words, TRANSPOSED: np.ascontiguousarray(words.T)[:, :, None]}
         x_dev, y_dev = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(np.zeros((1, 1, outputs), np.float16), dev)
         library = tvm.runtime.load_module(str(folder / info["library"]))
         rows_out = {}
         for name, symbol in info["kernels"].items():
+            stored = layouts[TRANSPOSED if name == TRANSPOSED else "rows"]
+            sets = [[tvm.runtime.tensor(a, dev) for a in (stored, scales, zeros)] for _ in range(copies)]
             kernel = library[symbol]
             kernel(*sets[0], x_dev, y_dev)
             dev.sync()
@@ -152,10 +170,10 @@ def measure(args) -> None:
             us = _gpu_microseconds(lambda i: kernel(*sets[i % copies], x_dev, y_dev), max(copies, 60))
             rows_out[name] = {"us": us, "tb_per_s": weight_bytes / us / 1e6, "relative_error": error}
             print(key, name, json.dumps(rows_out[name]), flush=True)
+            del sets
         result["shapes"][key] = {"weight_bytes": weight_bytes, "chosen": info["chosen"], "kernels": rows_out}
         out.mkdir(parents=True, exist_ok=True)
         (out / "stage3-cuda-gemv.json").write_text(json.dumps(result, indent=1))
-        del sets
 
 
 def report(args) -> None:
@@ -164,16 +182,17 @@ def report(args) -> None:
     result = json.loads(Path(args.result).read_text())
     copy = result["copy"]["tb_per_s"]
     print(f"{result['device']}: copy bandwidth {copy:.2f} TB/s (read + write); GPU us per call, weights from DRAM")
-    print(f"  {'product':16s} {'MB':>6s} {'column-threads':>16s} {'vector-lanes':>16s}  chosen")
+    names = ("column-threads", "vector-lanes", TRANSPOSED)
+    print(f"  {'product':16s} {'MB':>6s} " + " ".join(f"{n:>16s}" for n in names) + "  chosen")
     for key, row in result["shapes"].items():
         cells = []
-        for name in ("column-threads", "vector-lanes"):
+        for name in names:
             k = row["kernels"].get(name)
             cells.append(f"{k['us']:6.2f} ({100 * k['tb_per_s'] / copy:3.0f}%)" if k else "-")
             if k and k["relative_error"] > 1e-2:
                 cells[-1] += " WRONG"
-        print(f"  [{key.replace('x', ' -> ')}]".ljust(18) + f"{row['weight_bytes'] / 1e6:6.2f} {cells[0]:>16s} "
-              f"{cells[1]:>16s}  {row['chosen']}")
+        print(f"  [{key.replace('x', ' -> ')}]".ljust(18) + f"{row['weight_bytes'] / 1e6:6.2f} "
+              + " ".join(f"{c:>16s}" for c in cells) + f"  {row['chosen']}")
     print(f"\nwrote {write_results('stage3-cuda-gemv', result)}")
 
 

@@ -1,5 +1,5 @@
-"""Column panels for the weights of matrix products on CPUs (``pack_weights``): float32 matrices and
-the packed words of quantized ones.
+"""Column panels for the weights of matrix products (``pack_weights``): float32 matrices and the
+packed words of quantized ones on CPUs, the packed words transposed on GPUs.
 
 A product ``y = x @ W`` with a weight ``W [K, N]`` reads all of W. A decoding step has one row of
 x, so its speed is the rate at which W streams from memory. The one-row kernels split the N
@@ -25,13 +25,22 @@ inside the product's kernel) are column panels the same way: the one-row product
 ones do (a [576, 49152] int4 one-row product with 8-bit activations took 2.95 ms row-major and
 1.50 ms from panels on the 2-core machine). Their scales and zero points (a few group rows) stay.
 
-A weight is packed when it is a 2-D float32 weight or uint32 words, N is a multiple of P larger
-than P, and every reader is a ``matmul`` taking it as its right operand, a ``take`` of its columns
+On GPUs the words are stored with P = 1: ``Wp[n, k, 0] = W[k, n]``, the transposed matrix, each
+output's words contiguous along K. That is the layout TVM's DLight ``GEMV`` rule schedules (warps
+reduce along the contiguous axis with wide loads and shuffles); over ``[K, N]`` words the one-token
+products take slimgraph's ``ColumnGEMV`` instead (``backends/schedules/gpu_gemv.py``). The target
+chooses by shape (``select``): the transposed read wins where N >= K and loses where K > N (a
+[5632 -> 2048] down projection), as ``bench/stage3_cuda_gemv.py`` measures side by side.
+
+A weight is packed when it is a 2-D float32 weight or uint32 words (of the target's ``dtypes``), N
+is a multiple of P larger than P, ``select`` (if any) accepts its [K, N], and every reader is a ``matmul`` taking it as its right operand, a ``take`` of its columns
 (a token embedding tied to the LM head) or a ``dequantize`` taking it as its words. Any other
 reader would need the [K, N] layout materialized, so such weights stay as they are.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -44,6 +53,7 @@ from slimgraph.passes._rewrite import Rewriter, add_weight
 PASS_NAME = "pack_weights"
 SUFFIX = ".panels"
 PACKED_DTYPES = (DType.f32, DType.u32)   # float weights, packed low-bit codes
+MatrixFilter = Callable[[int, int], bool]  # (K, N) of a weight's matrix -> pack it?
 
 
 def _reads_as_panel_source(node: Node, ref: str) -> bool:
@@ -55,20 +65,27 @@ def _reads_as_panel_source(node: Node, ref: str) -> bool:
     return node.op is ops.TAKE and node.inputs[0] == ref and node.attrs["axis"] in (1, -1)
 
 
-def packable_weights(module: Module, columns: int) -> list[str]:
-    """Names of the weights the pass packs into panels of ``columns`` (see the module docstring)."""
+def packable_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
+                     select: MatrixFilter | None = None) -> list[str]:
+    """Names of the weights of ``dtypes`` the pass packs into panels of ``columns`` (see the module
+    docstring); with ``select``, only those whose matrix ``[K, N]`` it accepts (K: the rows a
+    ``dequantize`` reader unpacks the words to, else the weight's own rows)."""
     readable: dict[str, bool] = {}
+    matrix_rows: dict[str, int] = {}
     for fn in module.entries:
         for node in fn.nodes:
             for ref in set(node.inputs):
                 if ref.startswith("@"):
                     readable[ref[1:]] = readable.get(ref[1:], True) and _reads_as_panel_source(node, ref)
+                    if node.op is ops.DEQUANTIZE and node.inputs[0] == ref:
+                        matrix_rows[ref[1:]] = node.attrs["rows"]
     chosen = []
     for name, ok in sorted(readable.items()):
         weight = module.weights.get(name)
-        if not ok or weight is None or not weight.has_data or weight.type.dtype not in PACKED_DTYPES:
+        if not ok or weight is None or not weight.has_data or weight.type.dtype not in dtypes:
             continue
-        if weight.type.rank == 2 and weight.type.shape[1] % columns == 0 and weight.type.shape[1] > columns:
+        rows, width = weight.type.shape if weight.type.rank == 2 else (0, 0)
+        if width % columns == 0 and width > columns and (select is None or select(matrix_rows.get(name, rows), width)):
             chosen.append(name)
     return chosen
 
@@ -100,9 +117,11 @@ def _rewrite(module: Module, fn: Function, weights: dict[str, Weight], packed: d
     return rw.finish()
 
 
-def pack_weights(module: Module, columns: int) -> PassResult:
-    """Store the packable weights as column panels of ``columns`` and read them back per reader."""
-    names = packable_weights(module, columns)
+def pack_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
+                 select: MatrixFilter | None = None) -> PassResult:
+    """Store the packable weights (of ``dtypes``, accepted by ``select``) as column panels of
+    ``columns`` and read them back per reader."""
+    names = packable_weights(module, columns, dtypes, select)
     if not names:
         return PassResult(module, False, {"weights_packed": 0})
     weights = dict(module.weights)
@@ -117,7 +136,10 @@ def pack_weights(module: Module, columns: int) -> PassResult:
                       {"weights_packed": len(names), "panel_columns": columns})
 
 
-def pack_weights_pass(columns: int) -> PassInfo:
-    """The pass configured for a target whose GEMM micro tile is ``columns`` float32 wide."""
-    return PassInfo(PASS_NAME, lambda module: pack_weights(module, columns),
-                    f"float32 matmul weights and quantized words stored as column panels of {columns}")
+def pack_weights_pass(columns: int, dtypes: tuple = PACKED_DTYPES, select: MatrixFilter | None = None,
+                      description: str | None = None) -> PassInfo:
+    """The pass configured for a target: panels as wide as a CPU's GEMM micro tile, or one column
+    wide (the transposed matrix) for the quantized words a GPU reads along K."""
+    kinds = " and ".join({DType.f32: "float32 matmul weights", DType.u32: "quantized words"}[d] for d in dtypes)
+    return PassInfo(PASS_NAME, lambda module: pack_weights(module, columns, dtypes, select),
+                    description or f"{kinds} stored as column panels of {columns}")

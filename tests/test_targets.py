@@ -192,10 +192,11 @@ def _lowered_for_cuda(model: str, options: CompileOptions):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize", [None])
 def test_one_token_products_get_the_column_gemv_schedule(tmp_path, quantize):
-    """Decoding-step products over [K, N] weights (plain or packed int4) are read row by row, with
-    the rows split across thread groups (threadIdx.y) and a cross-thread sum; the build holds a fatbin."""
+    """Decoding-step products over [K, N] float16 weights are read row by row, with the rows split
+    across thread groups (threadIdx.y) and a cross-thread sum; the build holds a fatbin. (Packed int4
+    words: ``test_int4_words_are_stored_transposed_where_the_products_are_wide``.)"""
     from tvm import tirx
 
     from slimgraph.backends.schedules import gpu
@@ -288,3 +289,34 @@ def test_one_token_int4_kernel_with_vector_lanes_reads_vectors_and_stages_the_ac
     assert rule == "ColumnGEMV"
     assert "*(uint2*)(p" in source and "*(uint4*)(p" in source and "__shared__" in source
     assert source.count("__syncthreads()") >= 2
+
+
+
+@needs_nvcc
+def test_int4_words_are_stored_transposed_where_the_products_are_wide():
+    """CUDA stores a quantized product's words transposed ([N, K / 8], K contiguous per output) where
+    N >= K, and DLight's GEMV reads them there; a product with K > N (the down projection) keeps its
+    [K / 8, N] words and slimgraph's column schedule. The build holds a fatbin."""
+    from tvm import tirx
+
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.backends.targets_cuda import reads_words_transposed
+    from slimgraph.compiler.driver import load_model, optimize
+    from slimgraph.passes.pack_weights import SUFFIX
+
+    assert reads_words_transposed(2048, 11264) and reads_words_transposed(576, 576)
+    assert not reads_words_transposed(5632, 2048)
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)},
+                             recipe=recipe_from_flags(quantize="int4", group_size=32))
+    module, path = load_model("tiny-llama")
+    words = {n: w.type.shape for n, w in optimize(module, options, model_path=path).module.weights.items()
+             if n.endswith((".qweight", f".qweight{SUFFIX}"))}
+    assert all(shape[2] == 1 and shape[0] >= 8 * shape[1] for n, shape in words.items() if n.endswith(SUFFIX))
+    assert {n for n in words if not n.endswith(SUFFIX)} == {n for n in words if "down_proj" in n}
+    lowered, target = _lowered_for_cuda("tiny-llama", options)
+    with target:
+        rules = {g.name_hint: gpu.schedule_prim_func(f, target, gpu.default_rules())[1]
+                 for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc) and "matmul" in g.name_hint}
+    wide = [rule for name, rule in rules.items() if "transpose_reshape_dequantize" in name]
+    assert wide and set(wide) == {"GEMV"}, rules
+    assert "ColumnGEMV" in rules.values(), "the down projection keeps the column schedule"
