@@ -78,11 +78,17 @@ def check_machine_code(library: str) -> None:
                           hint="TVM's CUDA runtime was not loaded at build time; this is a slimgraph bug")
 
 
+WIDE_OUTPUTS_PER_ROW = 2   # N >= 2 K: a wide product (a merged gate/up projection, an LM head)
+SHORT_ROWS = 1024          # K <= 1024: short rows (every product of SmolLM2-135M but its down projection)
+
+
 def reads_words_transposed(rows: int, outputs: int) -> bool:
-    """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA: where N >= K. There the
-    one-token product over the transposed words (DLight's ``GEMV``) beats slimgraph's ``ColumnGEMV``
-    over ``[K, N]`` words; where K > N (a down projection) it loses (``bench/stage3_cuda_gemv.py``)."""
-    return outputs >= rows
+    """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA, K contiguous per output,
+    for DLight's ``GEMV``: for wide products and short rows, where it beat slimgraph's ``ColumnGEMV``
+    over ``[K, N]`` words inside the one-token steps; the [2048 -> 2560] q/k/v, [2048 -> 2048] output
+    and [5632 -> 2048] down projections of a 1.1B LLaMA were slower transposed
+    (``bench/results/stage3-cuda-2026-12-07-run6-word-layouts``)."""
+    return outputs >= WIDE_OUTPUTS_PER_ROW * rows or rows <= SHORT_ROWS
 
 
 class CudaFamily:
@@ -120,7 +126,7 @@ class CudaFamily:
         from slimgraph.passes.pack_weights import pack_weights_pass
 
         return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed,
-                                  description="quantized words of products with N >= K stored transposed, "
+                                  description="quantized words of wide products (N >= 2K) and short rows (K <= 1024) stored transposed, "
                                               "K contiguous per output (DLight's GEMV layout)")]
 
     def default_schedule(self, func, spec):

@@ -29,8 +29,9 @@ On GPUs the words are stored with P = 1: ``Wp[n, k, 0] = W[k, n]``, the transpos
 output's words contiguous along K. That is the layout TVM's DLight ``GEMV`` rule schedules (warps
 reduce along the contiguous axis with wide loads and shuffles); over ``[K, N]`` words the one-token
 products take slimgraph's ``ColumnGEMV`` instead (``backends/schedules/gpu_gemv.py``). The target
-chooses by shape (``select``): the transposed read wins where N >= K and loses where K > N (a
-[5632 -> 2048] down projection), as ``bench/stage3_cuda_gemv.py`` measures side by side.
+chooses by shape (``select``, ``backends/targets_cuda.py``): the transposed read won on wide
+products and short rows and lost on the square and down projections of a 1.1B LLaMA; the kernels of
+both layouts are timed side by side by ``bench/stage3_cuda_gemv.py``.
 
 A weight is packed when it is a 2-D float32 weight or uint32 words (of the target's ``dtypes``), N
 is a multiple of P larger than P, ``select`` (if any) accepts its [K, N], and every reader is a ``matmul`` taking it as its right operand, a ``take`` of its columns

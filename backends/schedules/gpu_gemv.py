@@ -9,6 +9,9 @@ words ``Wq[K / per_word, N]``. A decoding step (one token) makes that a matrix-v
 whose reduction runs over the *outer* (row) axis of ``W``. DLight's ``GEMV`` rule schedules that
 form only for OpenCL and Metal, and its generic ``Reduction`` rule reads a column of ``W`` with a
 stride of ``N`` elements: uncoalesced and far from the memory bandwidth that bounds this kernel.
+(For CUDA, ``pack_weights`` stores the packed words of wide products and of short rows transposed,
+K contiguous per output, and DLight's ``GEMV`` reads those (``reads_words_transposed``); the rule
+below takes float weights and the other words.)
 ``ColumnGEMV`` picks one of two schedules (both read every weight byte once, the dequantize
 prologue inlined so packed words are unpacked in registers, the epilogue computed by the threads
 that hold the sums):
