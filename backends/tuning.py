@@ -234,14 +234,17 @@ def tuned_schedules_pass(db: TuningDatabase, report: dict) -> tvm.transform.Pass
 
 
 def _tuned_or_default(db: TuningDatabase, func: tirx.PrimFunc) -> tuple[tirx.PrimFunc | None, str]:
-    """(the tuned kernel or None for the default schedule, the report list it belongs to)."""
+    """(the kernel to build, the report list it belongs to). The kernel is the tuned one, or the
+    default-scheduled one the database made to look up its time (marked scheduled, so the build's
+    schedule pass does not schedule it again), or None: no record, the schedule pass makes the default."""
     tuned = db.schedule_for(func)
     if tuned is None:
         return None, "fallback"
     best, default = db.best_seconds(func), db.default_seconds(func)
-    if default is None or best is None:
-        return None, "default_not_measured"
-    return (None, "kept_default") if best >= default else (tuned, "matched")
+    if default is not None and best is not None and best < default:
+        return tuned, "matched"
+    kind = "default_not_measured" if default is None or best is None else "kept_default"
+    return db.default_scheduled(func).with_attr(SCHEDULED_ATTR, True), kind
 
 
 def check_tracker(address: str) -> tuple[str, int]:

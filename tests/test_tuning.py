@@ -117,6 +117,25 @@ def test_compile_applies_tuned_schedules_that_beat_the_default(tuned_db, tmp_pat
                                rtol=1e-4, atol=1e-4)
 
 
+def test_kernels_that_keep_the_default_are_scheduled_once(tuned_db, tmp_path, monkeypatch):
+    """A kernel that keeps its default schedule is built from the default-scheduled kernel the
+    database made to look up its time: a compile with the database schedules no more kernels than
+    one without it."""
+    from slimgraph.backends.schedules import cpu
+
+    db, result, _ = tuned_db
+    calls = []
+    original = cpu.schedule_prim_func
+    monkeypatch.setattr(cpu, "schedule_prim_func", lambda func, target: calls.append(1) or original(func, target))
+    compile_model(two_kernel_model(), tmp_path / "plain", CompileOptions())
+    plain = len(calls)
+    copy = with_default_seconds(db, result, tmp_path, 1e-12)
+    calls.clear()
+    out = compile_model(two_kernel_model(), tmp_path / "kept", CompileOptions(tuning_db=copy))
+    assert len(json.loads((out / "report.json").read_text())["tuning"]["kept_default"]) == len(result["tasks"])
+    assert plain > 0 and len(calls) == plain
+
+
 def test_default_time_of_an_older_default_schedule_is_not_compared_and_tune_remeasures_it(tuned_db, tmp_path):
     """Default times are keyed by the default-scheduled kernel: after slimgraph's default schedules
     change, compile keeps the default (no time to compare against) until a rerun of tune measures
