@@ -85,8 +85,8 @@ SHORT_ROWS = 1024          # K <= 1024: short rows (every product of SmolLM2-135
 def reads_words_transposed(rows: int, outputs: int) -> bool:
     """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA, K contiguous per output,
     for DLight's ``GEMV``: for wide products and short rows, where it beat slimgraph's ``ColumnGEMV``
-    over ``[K, N]`` words inside the one-token steps; the [2048 -> 2560] q/k/v, [2048 -> 2048] output
-    and [5632 -> 2048] down projections of a 1.1B LLaMA were slower transposed
+    over ``[K, N]`` words inside the one-token steps. The [2048 -> 2048] output and [5632 -> 2048] down
+    projections of a 1.1B LLaMA were slower transposed, its [2048 -> 2560] q/k/v one no faster
     (``bench/results/stage3-cuda-2026-12-07-run6-word-layouts``)."""
     return outputs >= WIDE_OUTPUTS_PER_ROW * rows or rows <= SHORT_ROWS
 

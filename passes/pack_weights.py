@@ -30,7 +30,7 @@ output's words contiguous along K. That is the layout TVM's DLight ``GEMV`` rule
 reduce along the contiguous axis with wide loads and shuffles); over ``[K, N]`` words the one-token
 products take slimgraph's ``ColumnGEMV`` instead (``backends/schedules/gpu_gemv.py``). The target
 chooses by shape (``select``, ``backends/targets_cuda.py``): the transposed read won on wide
-products and short rows and lost on the square and down projections of a 1.1B LLaMA; the kernels of
+products and short rows and lost on the output and down projections of a 1.1B LLaMA; the kernels of
 both layouts are timed side by side by ``bench/stage3_cuda_gemv.py``.
 
 A weight is packed when it is a 2-D float32 weight or uint32 words (of the target's ``dtypes``), N
