@@ -126,8 +126,8 @@ class CudaFamily:
         from slimgraph.passes.pack_weights import pack_weights_pass
 
         return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed,
-                                  description="quantized words of wide products (N >= 2K) and short rows (K <= 1024) stored transposed, "
-                                              "K contiguous per output (DLight's GEMV layout)")]
+                                  description="quantized words of wide products (N >= 2K) and short rows "
+                                              "(K <= 1024) stored transposed, K contiguous per output")]
 
     def default_schedule(self, func, spec):
         from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel

@@ -9,11 +9,12 @@ For each product shape [K -> N] of SmolLM2-135M and of a TinyLlama-1.1B-shaped m
 128, float16 activations), the kernel is built over words stored [K / 8, N] with the "column-threads"
 and the "vector-lanes" schedule, and over words stored transposed ([N, K / 8], as ``pack_weights``
 stores them for CUDA) with DLight's ``GEMV`` rule ("transposed-gemv"). "chosen" is the kernel a CUDA
-build uses for that shape (the layout ``reads_words_transposed`` picks, then the rule's schedule). On the GPU each one runs on random
-words, scales and zero points whose copies together exceed the L2 cache (160 MB, rotated call by
-call, so every call reads its weights from device memory); its GPU time per call comes from CUPTI
-(torch.profiler), its result is checked against a numpy reference, and its bytes of weights read
-per second are set against the device-to-device copy bandwidth measured in the same run.
+build uses for that shape (the layout ``reads_words_transposed`` picks, then the rule's schedule).
+On the GPU each one runs on random words, scales and zero points whose copies together exceed the
+L2 cache (160 MB, rotated call by call, so every call reads its weights from device memory); its
+GPU time per call comes from CUPTI (torch.profiler), its result is checked against a numpy
+reference, and its bytes of weights read per second are set against the device-to-device copy
+bandwidth measured in the same run.
 """
 
 from __future__ import annotations

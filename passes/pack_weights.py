@@ -34,9 +34,10 @@ products and short rows and lost on the output and down projections of a 1.1B LL
 both layouts are timed side by side by ``bench/stage3_cuda_gemv.py``.
 
 A weight is packed when it is a 2-D float32 weight or uint32 words (of the target's ``dtypes``), N
-is a multiple of P larger than P, ``select`` (if any) accepts its [K, N], and every reader is a ``matmul`` taking it as its right operand, a ``take`` of its columns
-(a token embedding tied to the LM head) or a ``dequantize`` taking it as its words. Any other
-reader would need the [K, N] layout materialized, so such weights stay as they are.
+is a multiple of P larger than P, ``select`` (if any) accepts its [K, N], and every reader is a
+``matmul`` taking it as its right operand, a ``take`` of its columns (a token embedding tied to the
+LM head) or a ``dequantize`` taking it as its words. Any other reader would need the [K, N] layout
+materialized, so such weights stay as they are.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def packable_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES
         if not ok or weight is None or not weight.has_data or weight.type.dtype not in dtypes:
             continue
         rows, width = weight.type.shape if weight.type.rank == 2 else (0, 0)
-        if width % columns == 0 and width > columns and (select is None or select(matrix_rows.get(name, rows), width)):
+        wanted = select is None or select(matrix_rows.get(name, rows), width)
+        if width % columns == 0 and width > columns and wanted:
             chosen.append(name)
     return chosen
 
