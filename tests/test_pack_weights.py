@@ -8,6 +8,7 @@ reader's kernel, and the x86 pipeline running the pass with the target's panel w
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from golden_util import GraphMaker, assert_golden, llama_block
 from slimgraph.compiler import interpreter, ops
@@ -90,16 +91,18 @@ def test_x86_pipeline_packs_with_the_targets_panel_width():
     assert packed and all(w.type.rank == 3 and w.type.shape[2] == columns for w in packed)
 
 
-def test_quantized_words_become_panels_and_outputs_stay_exact():
+@pytest.mark.parametrize("columns", [4, 1])
+def test_quantized_words_become_panels_and_outputs_stay_exact(columns):
     """The packed words of int4 weights (u32 [K/8, N], read by dequantize) are stored as panels like
-    float weights; their scales and zero points keep their layout; not one output bit changes."""
+    float weights (one column wide: transposed, as for CUDA); their scales and zero points keep their
+    layout; not one output bit changes."""
     from slimgraph.compiler.recipe import QuantizeSettings, Recipe
     from slimgraph.passes._compress import CompressionContext
     from slimgraph.passes.quantize import quantize_pass
 
     context = CompressionContext(Recipe({"quantize": QuantizeSettings("rtn", 4, 8)}), None)
     quantized = quantize_pass(context).run(folded_block()).module
-    result, changed, stats = pack_weights(quantized, 4)
+    result, changed, stats = pack_weights(quantized, columns)
     verify(result)
     packed = {name[: -len(SUFFIX)] for name in result.weights if name.endswith(SUFFIX)}
     assert changed and packed and all(name.endswith(".qweight") for name in packed)
@@ -107,7 +110,29 @@ def test_quantized_words_become_panels_and_outputs_stay_exact():
     for name in packed:
         words = quantized.weights[name]
         assert words.type.dtype is DType.u32 and name not in result.weights
-        np.testing.assert_array_equal(result.weights[f"{name}{SUFFIX}"].array, to_panels(words.array, 4))
+        np.testing.assert_array_equal(result.weights[f"{name}{SUFFIX}"].array, to_panels(words.array, columns))
+    inputs = make_sample_inputs(quantized)
+    for ref, got in zip(interpreter.run(quantized, inputs), interpreter.run(result, inputs)):
+        np.testing.assert_array_equal(ref, got)
+
+
+def test_dtypes_and_the_matrix_filter_choose_what_is_packed():
+    """Only weights of the given dtypes are packed, and with ``select`` only those whose matrix [K, N]
+    it accepts (K: the rows ``dequantize`` unpacks the words to); the others keep their layout and
+    every output stays exact."""
+    from slimgraph.compiler.recipe import QuantizeSettings, Recipe
+    from slimgraph.passes._compress import CompressionContext
+    from slimgraph.passes.quantize import quantize_pass
+
+    context = CompressionContext(Recipe({"quantize": QuantizeSettings("rtn", 4, 8)}), None)
+    quantized = quantize_pass(context).run(folded_block()).module
+    rows = {node.inputs[0][1:]: node.attrs["rows"] for fn in quantized.entries for node in fn.nodes
+            if node.op is ops.DEQUANTIZE and node.inputs[0].startswith("@")}
+    wide = {name for name, k in rows.items() if quantized.weights[name].type.shape[1] >= 2 * k}
+    assert wide and wide != set(rows), "the block has both kinds of product"
+    result = pack_weights(quantized, 1, (DType.u32,), select=lambda k, n: n >= 2 * k).module
+    assert {name[: -len(SUFFIX)] for name in result.weights if name.endswith(SUFFIX)} == wide
+    assert all(w.type.dtype is DType.u32 for n, w in result.weights.items() if n.endswith(SUFFIX))
     inputs = make_sample_inputs(quantized)
     for ref, got in zip(interpreter.run(quantized, inputs), interpreter.run(result, inputs)):
         np.testing.assert_array_equal(ref, got)
