@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,8 +206,19 @@ def free_port() -> int:
 
 
 def start(*args) -> subprocess.Popen:
+    """A TVM tool in a process group of its own, so ``stop`` also ends what it starts (an RPC server's
+    session workers)."""
     return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TVM_NUM_THREADS": "1"})
+                            env={**os.environ, "TVM_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a process started by ``start`` with its whole process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def wait_for_servers(port: int, key: str, count: int, timeout: float = 90) -> None:
@@ -238,7 +250,7 @@ def test_rpc_loopback_with_a_server_lost_mid_run(tmp_path):
 
         def on_event(kind, payload):
             if kind == "tune_task_end" and not lost:      # the first task is done: lose a server
-                servers[0].kill()
+                stop(servers[0])
                 lost.append(payload["task"])
 
         result = tune_model(two_kernel_model(), tmp_path / "db", CompileOptions(), trials=TRIALS,
@@ -249,4 +261,4 @@ def test_rpc_loopback_with_a_server_lost_mid_run(tmp_path):
         assert first["best_s"] and first["best_s"] > 0
     finally:
         for proc in servers + [tracker]:
-            proc.kill()
+            stop(proc)
