@@ -50,22 +50,23 @@ def record_lines(folder) -> int:
 
 
 def measuring_workers() -> list[int]:
-    """Live child processes of this one that run TVM's measuring workers (``tvm.exec.popen_worker``)."""
-    pids = []
-    for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
-            pids += [int(p) for p in f.read().split()]
+    """Live child processes of this one that run TVM's measuring workers (``tvm.exec.popen_worker``).
+
+    Scans every ``/proc/PID/stat`` for this process as parent: unlike ``/proc/self/task/*/children`` it has no
+    per-thread files, which vanish when one of TVM's threads ends between the listing and the read."""
     found = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-        if b"popen_worker" in command and state != "Z":
-            found.append(pid)
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(parent) == os.getpid() and state != "Z" and b"popen_worker" in command:
+            found.append(int(entry))
     return found
 
 
