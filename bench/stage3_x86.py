@@ -10,8 +10,10 @@ thread count, with nothing else running:
 * T=128 fp32 forward pass (logits): ONNX Runtime (the stage-1 ONNX export of the same weights),
   slimgraph untuned and slimgraph with ``--tuning-db`` (both with T fixed to 128), each checked
   against ONNX Runtime's output (cosine) so that no runtime is timed doing other work;
-* T=1 forward pass: slimgraph fp32 and int4 (group 128, round-to-nearest), T fixed to 1, and the
-  int4 step's effective weight bandwidth (bytes of weights one step reads, embedding rows only for
+* T=1 forward pass: slimgraph fp32 and int4 (group 128, round-to-nearest), T fixed to 1, the int4
+  build once more without the one-row products' prefetch of the next task's words (the schedule's
+  ``PREFETCH_TASKS_AHEAD = 0``, ``backends/schedules/_prefetch.py``), and each step's effective weight
+  bandwidth (bytes of weights one step reads, embedding rows only for
   the gathered token, divided by its time) against this machine's memory bandwidth measured in the
   same run (numpy copies of 512 MiB on ``--threads`` threads: bytes read + written per second);
 * the machine's float32 GEMM ceiling: PyTorch's (oneDNN) 2048 x 2048 x 2048 product on the same
@@ -102,14 +104,23 @@ def forward_flops(config: dict, tokens: int) -> int:
     return 2 * (config["num_hidden_layers"] * per_layer + tokens * hidden * config["vocab_size"])
 
 
-def compile_static(name: str, tokens: int, *, tuning_db=None, quantize=None) -> Path:
+def compile_static(name: str, tokens: int, *, tuning_db=None, quantize=None, prefetch: bool = True) -> Path:
+    """Build SmolLM2 with T fixed to ``tokens``; ``prefetch=False`` builds the low-bit one-row
+    products without their prefetch of the next task's words (the schedule's switch, for the
+    side-by-side row)."""
+    from slimgraph.backends.schedules import _quantized_gemv
     from slimgraph.compiler.driver import CompileOptions, compile_model
     from slimgraph.compiler.recipe import recipe_from_flags
 
     recipe = recipe_from_flags(quantize=quantize, group_size=128) if quantize else None
     out = WORK_DIR / "stage3-x86" / name
-    compile_model("smollm2", out, CompileOptions(shapes={"input_ids": (1, tokens)}, tuning_db=tuning_db,
-                                                 recipe=recipe, force=True))
+    ahead, _quantized_gemv.PREFETCH_TASKS_AHEAD = _quantized_gemv.PREFETCH_TASKS_AHEAD, (
+        _quantized_gemv.PREFETCH_TASKS_AHEAD if prefetch else 0)
+    try:
+        compile_model("smollm2", out, CompileOptions(shapes={"input_ids": (1, tokens)}, tuning_db=tuning_db,
+                                                     recipe=recipe, force=True))
+    finally:
+        _quantized_gemv.PREFETCH_TASKS_AHEAD = ahead
     return out
 
 
@@ -144,8 +155,10 @@ def measure_all(args) -> None:
                                  **({"kernels_matched": len(tuning.get("matched", [])),
                                      "kernels_kept_default": len(tuning.get("kept_default", [])),
                                      "kernels_fallback": len(tuning.get("fallback", []))} if tuning else {})}
-    for label, quantize in (("slimgraph fp32", None), ("slimgraph int4 g128", "int4")):
-        path = compile_static(f"{quantize or 'fp32'}-T1", 1, quantize=quantize)
+    for label, quantize, prefetch in (("slimgraph fp32", None, True), ("slimgraph int4 g128", "int4", True),
+                                      ("slimgraph int4 g128, no prefetch", "int4", False)):
+        path = compile_static(f"{quantize or 'fp32'}-T1{'' if prefetch else '-no-prefetch'}", 1, quantize=quantize,
+                              prefetch=prefetch)
         timing, _ = time_artifact(path, ids1, args.repeats)
         result["T1"][label] = {**timing, "weight_bytes_read": _weights_read_per_step(path, 1)}
     print_summary(result)
@@ -170,6 +183,10 @@ def print_summary(result: dict) -> None:
     fp32, int4 = t1["slimgraph fp32"], t1["slimgraph int4 g128"]
     print(f"\nT=1: fp32 {fp32['median_ms']:.2f} ms, int4 {int4['median_ms']:.2f} ms -> int4 "
           f"{fp32['median_ms'] / int4['median_ms']:.2f}x faster")
+    plain = t1.get("slimgraph int4 g128, no prefetch")
+    if plain:
+        print(f"  int4 without the prefetch of the next task's words: {plain['median_ms']:.2f} ms "
+              f"({plain['median_ms'] / int4['median_ms']:.2f}x the time with it)")
     for label, row in t1.items():
         rate = row["weight_bytes_read"] / (row["median_ms"] / 1e3) / 1e9
         print(f"  {label}: {row['weight_bytes_read'] / 1e6:.1f} MB of weights per step -> {rate:.1f} GB/s "

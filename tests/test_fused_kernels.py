@@ -146,6 +146,8 @@ ONE_ROW_CASES = {  # name -> (body, parameter types, CPU schedule rule)
     "int8_codes_down": (int8_codes_down, [t(F32, 1, 1, 1536), t(DType.u32, 384, 576), t(DType.f16, 1, 576)],
                         "quantized_gemv"),
 }
+ONE_ROW_CASES["int4_gate_up"] = (int4_linear_add, [t(F32, 1, 1, 576), t(DType.u32, 72, 3072), t(DType.f16, 5, 3072),
+                                                  t(DType.f16, 5, 3072), t(F32, 1, 1, 3072)], "quantized_gemv")
 SPLIT_DEPTH = {"int4_linear_add", "int4_down_add", "linear_down_add",  # too few full-width tiles for 2 cores
                "int4_codes_add", "int8_codes_down"}
 INTEGER_CASES = {"int4_codes_add", "int8_codes_down"}   # 8-bit activation codes
@@ -197,6 +199,9 @@ def test_one_row_products_stream_the_weights(case):
         assert "call_llvm_pure_intrin" in script and "xq" not in script
     if spec.num_cores == 2:
         assert ("_rf" in script) == (case in SPLIT_DEPTH)
+    integer = case in INTEGER_CASES and codegen.target_has_features("avx512vnni", target)
+    assert ("llvm.prefetch" in script) == (expected_rule == "quantized_gemv" and not integer), \
+        "the float low-bit kernels prefetch the next task's words, the others nothing"
     vm = tvm.relax.VirtualMachine(build_executable(lower_to_relax(module), spec), tvm.cpu())
     arrays = [one_row_sample(ty, np.random.default_rng(0)) for ty in types]
     expected = run(module, arrays)[0]
@@ -224,3 +229,57 @@ def test_activation_codes_feed_the_prompt_gemm():
         got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()),
                                    err_msg=f"T={T}")
+
+
+def _loop_values(loops, rng) -> dict:
+    """A random value within its extent for each loop."""
+    return {loop.loop_var: int(loop.min) + int(rng.integers(int(loop.extent))) for loop in loops}
+
+
+def _evaluate(exprs, values: dict) -> tuple:
+    """The integer values of ``exprs`` with every variable of ``values`` bound."""
+    names = list(values)
+    return tuple(int(v) for v in tvm.tirx.IndexMap(names, list(exprs), None).map_indices([values[n] for n in names]))
+
+
+@pytest.mark.parametrize("case", ["int4_linear_add", "int4_down_add", "int4_gate_up"])
+def test_the_prefetch_touches_words_the_next_task_reads(case):
+    """Every line the one-row int4 kernel prefetches at row r of task t holds words that task t + 1
+    reads at row r (found by running task t + 1's loops inside the row over all their values), with
+    the tasks split over columns only (gate/up) or over columns and chunks (the others)."""
+    from tvm import s_tir
+
+    from slimgraph.backends.schedules._prefetch import LINE_BYTES, statements
+
+    body, types, _ = ONE_ROW_CASES[case]
+    _, _, scheduled, _ = scheduled_kernel(fused_module(body, types))
+    loops = [s for s in statements(scheduled.body) if isinstance(s, tvm.tirx.For)]
+    task = next(loop for loop in loops if loop.kind == tvm.tirx.ForKind.PARALLEL and "llvm.prefetch" in loop.script())
+    row = next(loop for loop in loops if isinstance(loop.body, tvm.tirx.SeqStmt) and "llvm.prefetch" in
+               loop.body.seq[0].script() and isinstance(loop.body.seq[0], tvm.tirx.For))
+    line_loop = row.body.seq[0]
+    address = line_loop.body.value.args[1].args[0]          # call_llvm_intrin(id, address_of(W[...]), ...)
+    words = address.source
+    realize = next(s for s in statements(row.body) if isinstance(s, s_tir.SBlockRealize)
+                   and any(r.source.same_as(words) for r in s.block.reads))
+    region = next(r for r in realize.block.reads if r.source.same_as(words))
+    inner = [s for s in statements(row.body.seq[1]) if isinstance(s, tvm.tirx.For)]
+    outer = [loop for loop in loops if loop not in inner and not loop.same_as(line_loop)]
+    iter_vars = [iv.var for iv in realize.block.iter_vars]
+    read = [_evaluate_in(r.min, iter_vars, realize.iter_values) for r in region.region]
+    rng = np.random.default_rng(0)
+    per_line = LINE_BYTES // 4
+    for t in range(int(task.extent) - 1):
+        values = {**_loop_values(outer, rng), task.loop_var: t}
+        later = {**values, task.loop_var: t + 1}
+        read_by_next = {_evaluate(read, {**later, **dict(zip([lp.loop_var for lp in inner], combo))})
+                        for combo in np.ndindex(*[int(lp.extent) for lp in inner])}
+        for line in range(int(line_loop.extent)):
+            touched = _evaluate(address.indices, {**values, line_loop.loop_var: line})
+            line_words = {touched[:-1] + (touched[-1] + i,) for i in range(per_line)}
+            assert line_words & read_by_next, f"task {t}: line {line} at {touched} is not read by task {t + 1}"
+
+
+def _evaluate_in(expr, iter_vars: list, bindings) -> object:
+    """``expr`` over a block's iterators rewritten over the loops that bind them."""
+    return tvm.tirx.IndexMap(list(iter_vars), [expr], None).map_indices(list(bindings))[0]

@@ -35,13 +35,14 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from . import _integer_gemv, _prologue
+from . import _integer_gemv, _prefetch, _prologue
 from ._analysis import root_blocks
 from ._gemv import TILE_VECTORS, column_tile, full_tile_parts, place_epilogue
 
 DEQUANTIZE_ATTR = "slimgraph.dequantize"  # {"bits", "group_size"} on the dequantize PrimFunc
 ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
 CODES_PER_WORD = "slimgraph.codes_per_word"  # on the partial block
+PREFETCH_TASKS_AHEAD = 1  # tasks ahead whose words the float kernel prefetches (0: none; see _prefetch)
 
 
 def zero_point(zeros: tuple, index: tuple, bits: int):
@@ -153,14 +154,15 @@ def chunk_splits(columns: int, chunks: int, lanes: int, cores: int) -> int:
     return next((d for d in range(1, chunks + 1) if chunks % d == 0 and d >= needed), chunks)
 
 
-def schedule(sch: Schedule, lanes: int, cores: int) -> None:
+def schedule(sch: Schedule, lanes: int, cores: int) -> tirx.PrimFunc | None:
     """Schedule a kernel holding the factored product; ValueError for any other kernel.
 
     Tiles of columns, one task each. Where the full-width tiles (four accumulator vectors: four
     independent chains of multiply-adds) are too few for the cores, the chunks are split into
     parts as well rather than the tiles narrowed to one or two chains (``rfactor``: each task sums
     its part of the chunks into a partial row, a last vector loop adds the parts and applies the
-    epilogue)."""
+    epilogue). The float kernel then prefetches the next task's words (``_prefetch``) and is
+    returned as a function; the integer kernel is left in ``sch``."""
     roles = {_role(sch, b): b for b in root_blocks(sch)}
     if "output" not in roles or "partial" not in roles:
         raise ValueError("not a factored quantized product")
@@ -200,6 +202,14 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> None:
     tile = task if splits == 1 else _sum_parts(sch, out, lanes)
     if epi is not None:
         place_epilogue(sch, epi, tile, lanes)
+    if tensorize is None and PREFETCH_TASKS_AHEAD:
+        return _prefetch.prefetch_next_task(sch, task, words, part, _words_buffer(sch, part), PREFETCH_TASKS_AHEAD)
+    return None
+
+
+def _words_buffer(sch: Schedule, part) -> tirx.Buffer:
+    """The packed words the partial block reads (its one uint32 operand)."""
+    return next(r.source for r in sch.get(part).reads if str(r.source.dtype) == "uint32")
 
 
 def _inline_weight_reads(sch: Schedule, part) -> None:

@@ -81,6 +81,8 @@ def schedule_prim_func(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFu
         sch = s_tir.Schedule(func, error_render_level="none")
         try:
             result = rule(sch)
+            if isinstance(result, tirx.PrimFunc):     # a rule that edits the scheduled function
+                return result, name
             sch = result if isinstance(result, s_tir.Schedule) else sch
             return sch.mod["main"], name
         except Exception:  # pylint: disable=broad-except

@@ -1,0 +1,149 @@
+"""Software prefetch of the next task's weights in the low-bit one-row products (CPUs).
+
+A one-row product over packed low-bit words (``_quantized_gemv``) reads every word once, one tile
+of columns per parallel task. The tiles of one core follow each other in memory (column panels,
+``pack_weights``), but the hardware prefetchers follow a stream only within a 4 KB page and start
+over at every page boundary, and the dequantizing loop, a mask, a conversion and a multiply-add a
+code, asks for the next line too late to hide those restarts: words not in cache arrived at a
+third of the speed they did from cache (``bench/stage3_x86_gemv.py`` times both). So, at every
+word row ``r`` of task ``t``, the kernel prefetches row ``r`` of task ``t + 1`` into L2, one
+prefetch per 64-byte line::
+
+    for t in parallel(tasks):
+        for r in rows:                                  # the loop over word rows
+            prefetch(&W[index(min(t + 1, tasks - 1), r, lane = 16 l)])  for l < lanes / 16
+            ... the row's multiply-adds, W[index(t, r, lane)] ...
+
+``index`` is the product block's own read of the words, its iterators bound as the loops bind
+them, with the task moved one ahead (clamped at the last) and every loop inside the row loop at 0;
+the line offsets step the last (contiguous) index, along which a tile's columns lie in both the
+packed and the row-major layout. A prefetch never faults, so the clamp only keeps the address in
+the buffer. Float32 one-row products (``_gemv``) do not get it: they issue their loads fast enough
+for the prefetchers, and the extra instructions made them slower.
+
+TVM 0.27 has no Python TIR mutator; ``_insert_at_body_start`` rebuilds the loops and blocks on the
+path to the row loop with their constructors and leaves every other statement as it is.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+LINE_BYTES = 64          # cache line of the x86 and ARM cores slimgraph targets
+LOCALITY_L2 = 2          # llvm.prefetch locality 2: x86 prefetcht1 (into L2), AArch64 PLDL2KEEP
+
+
+def prefetch_next_task(sch: Schedule, task: LoopRV, row: LoopRV, block: SBlockRV, buffer: tirx.Buffer,
+                       ahead: int = 1) -> tirx.PrimFunc:
+    """The scheduled function with the prefetch above (``ahead`` tasks on) inserted at the start of
+    ``row``'s body: ``block`` reads ``buffer`` inside ``row``, which runs inside the parallel ``task``
+    loop."""
+    func = sch.mod["main"]
+    task_loop, row_loop = sch.get(task), sch.get(row)
+    realize = _find_realize(row_loop.body, sch.get(block))
+    if realize is None:
+        raise ValueError(f"block {sch.get(block).name_hint} is not inside the row loop")
+    line = tirx.Var("prefetch_line", "int64")
+    address = _task_ahead_index(realize, buffer, task_loop, ahead, _loop_vars(row_loop.body), line)
+    call = tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(tirx.BufferLoad(buffer, address)),
+                                 tirx.const(0, "uint32"), tirx.const(LOCALITY_L2, "uint32"),
+                                 tirx.const(1, "uint32"))
+    lines = max(1, _row_bytes(row_loop.body, buffer) // LINE_BYTES)
+    prefetch = tirx.For(line, tirx.const(0, "int64"), tirx.const(lines, "int64"), tirx.ForKind.UNROLLED,
+                        tirx.Evaluate(call))
+    return func.with_body(_insert_at_body_start(func.body, row_loop.loop_var, prefetch))
+
+
+def _task_ahead_index(realize, buffer: tirx.Buffer, task_loop: tirx.For, ahead: int, inner: list,
+                      line: tirx.Var) -> list:
+    """The indices of ``buffer`` read by ``realize`` ``ahead`` tasks on (clamped at the last task), at
+    the start of the row, plus ``line`` cache lines along the last index."""
+    region = next((r for r in realize.block.reads if r.source.same_as(buffer)), None)
+    if region is None:
+        raise ValueError(f"block {realize.block.name_hint} does not read {buffer.name}")
+    iter_vars = [iv.var for iv in realize.block.iter_vars]
+    bound = tirx.IndexMap(iter_vars, [r.min for r in region.region], None).map_indices(list(realize.iter_values))
+    task = task_loop.loop_var
+    later = tirx.min(task + ahead, task_loop.min + task_loop.extent - 1)
+    zero = [tirx.const(0, str(v.ty)) for v in inner]
+    index = list(tirx.IndexMap([task, *inner], list(bound), None).map_indices([later, *zero]))
+    per_line = LINE_BYTES // (buffer.dtype.bits // 8)
+    index[-1] = index[-1] + line * per_line
+    return index
+
+
+def _row_bytes(body, buffer: tirx.Buffer) -> int:
+    """Bytes of ``buffer`` one row step reads: the extent of the vectorized loop over its columns
+    (one vector of the tile) times the element size, or one line where there is none."""
+    lanes = [int(loop.extent) for loop in _loops(body) if loop.kind == tirx.ForKind.VECTORIZED]
+    return (max(lanes) if lanes else 1) * (buffer.dtype.bits // 8)
+
+
+def _loops(stmt) -> list:
+    """Every loop inside ``stmt`` (blocks included), outermost first."""
+    return [s for s in statements(stmt) if isinstance(s, tirx.For)]
+
+
+def _loop_vars(stmt) -> list:
+    return [loop.loop_var for loop in _loops(stmt)]
+
+
+def _find_realize(stmt, block):
+    """The realize of ``block`` inside ``stmt`` (None if it is not there)."""
+    return next((s for s in statements(stmt) if isinstance(s, s_tir.SBlockRealize) and s.block.same_as(block)), None)
+
+
+def statements(stmt):
+    """``stmt`` and every statement inside it (loops, sequences, blocks, branches), depth first."""
+    yield stmt
+    for child in _children(stmt):
+        yield from statements(child)
+
+
+def _children(stmt) -> list:
+    if isinstance(stmt, tirx.For):
+        return [stmt.body]
+    if isinstance(stmt, tirx.SeqStmt):
+        return list(stmt.seq)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        return [stmt.block]
+    if isinstance(stmt, s_tir.SBlock):
+        return [stmt.body] + ([stmt.init] if stmt.init is not None else [])
+    if isinstance(stmt, tirx.IfThenElse):
+        return [stmt.then_case] + ([stmt.else_case] if stmt.else_case is not None else [])
+    return []
+
+
+def _insert_at_body_start(stmt, loop_var: tirx.Var, first):
+    """``stmt`` with ``first`` put before the body of the loop over ``loop_var``; the statements on
+    the path to it are rebuilt, all others kept (returned as they are when the loop is not inside)."""
+    if isinstance(stmt, tirx.For):
+        if stmt.loop_var.same_as(loop_var):
+            body = tirx.SeqStmt([first, stmt.body])
+        else:
+            body = _insert_at_body_start(stmt.body, loop_var, first)
+            if body.same_as(stmt.body):
+                return stmt
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                        stmt.annotations, stmt.step, stmt.span)
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_insert_at_body_start(s, loop_var, first) for s in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq, stmt.span)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = _insert_at_body_start(stmt.block, loop_var, first)
+        return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(
+            list(stmt.iter_values), stmt.predicate, block, stmt.span)
+    if isinstance(stmt, s_tir.SBlock):
+        body = _insert_at_body_start(stmt.body, loop_var, first)
+        return stmt if body.same_as(stmt.body) else s_tir.SBlock(
+            list(stmt.iter_vars), list(stmt.reads), list(stmt.writes), stmt.name_hint, body, stmt.init,
+            list(stmt.alloc_buffers), list(stmt.match_buffers), stmt.annotations, stmt.span)
+    if isinstance(stmt, tirx.IfThenElse):
+        then_case = _insert_at_body_start(stmt.then_case, loop_var, first)
+        else_case = (_insert_at_body_start(stmt.else_case, loop_var, first)
+                     if stmt.else_case is not None else None)
+        unchanged = then_case.same_as(stmt.then_case) and (else_case is None or else_case.same_as(stmt.else_case))
+        return stmt if unchanged else tirx.IfThenElse(stmt.condition, then_case, else_case, stmt.span)
+    return stmt
