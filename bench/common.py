@@ -25,15 +25,30 @@ def pin_threads(n: int) -> None:
 
 def measure(fn, *, warmup: int = 2, repeats: int = 10) -> dict:
     """Median and spread (min, max, stdev) of fn()'s wall time in milliseconds."""
+    return measure_interleaved({"fn": fn}, warmup=warmup, repeats=repeats)["fn"]
+
+
+def measure_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 10, pause_s: float = 0.0) -> dict:
+    """``measure`` of several functions whose calls take turns (one call of each per round), so a
+    drift of the machine's speed during the run weighs on all of them alike; name -> summary.
+    ``pause_s``: an untimed wait after each call, for the thread pools of one runtime to stop
+    spinning before the next runtime's call starts."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+            time.sleep(pause_s)
+    return {name: _summary(times) for name, times in samples.items()}
+
+
+def _summary(samples: list) -> dict:
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
-            "stdev_ms": statistics.stdev(samples) if len(samples) > 1 else 0.0, "repeats": repeats}
+            "stdev_ms": statistics.stdev(samples) if len(samples) > 1 else 0.0, "repeats": len(samples)}
 
 
 def machine_description() -> dict:

@@ -8,14 +8,17 @@ T=128 build) and records its wall time next to the database. ``measure``, in one
 thread count, with nothing else running:
 
 * T=128 fp32 forward pass (logits): ONNX Runtime (the stage-1 ONNX export of the same weights),
-  slimgraph untuned and slimgraph with ``--tuning-db`` (both with T fixed to 128), each checked
+  slimgraph untuned and slimgraph with ``--tuning-db`` (both with T fixed to 128), timed in turns (one
+  pass of each per round, so a drift of the machine's speed weighs on all three alike; a pause after
+  each pass lets the runtime's spinning worker threads go idle before the next starts), each checked
   against ONNX Runtime's output (cosine) so that no runtime is timed doing other work;
 * T=1 forward pass: slimgraph fp32 and int4 (group 128, round-to-nearest), T fixed to 1, the int4
   build once more without the one-row products' prefetch of the next task's words (the schedule's
-  ``PREFETCH_TASKS_AHEAD = 0``, ``backends/schedules/_prefetch.py``), and each step's effective weight
-  bandwidth (bytes of weights one step reads, embedding rows only for
-  the gathered token, divided by its time) against this machine's memory bandwidth measured in the
-  same run (numpy copies of 512 MiB on ``--threads`` threads: bytes read + written per second);
+  ``PREFETCH_TASKS_AHEAD = 0``, ``backends/schedules/_prefetch.py``), 3 x ``--repeats`` steps of
+  each build in a row (as a decoding loop runs them), and each step's effective weight bandwidth
+  (bytes of weights one step reads, embedding rows only for the gathered token, divided by its time)
+  against this machine's memory bandwidth measured in the same run (numpy copies of 512 MiB on
+  ``--threads`` threads: bytes read + written per second);
 * the machine's float32 GEMM ceiling: PyTorch's (oneDNN) 2048 x 2048 x 2048 product on the same
   threads, and every T=128 row's rate in GFLOP/s (the forward pass's multiply-adds, counted from
   the model's config) as a share of it: how far a schedule can go before it beats the best GEMM
@@ -37,12 +40,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK_DIR, cosine, machine_description, measure, pin_threads, write_results  # noqa: E402
+from common import (WORK_DIR, cosine, machine_description, measure, measure_interleaved, pin_threads,  # noqa: E402
+                    write_results)
 from stage1_latency import onnx_file, run_ort  # noqa: E402
 from stage3_cuda import _weights_read_per_step  # noqa: E402
 
 DEFAULT_DB = WORK_DIR / "tuning-x86"
 COPY_BYTES = 512 << 20
+PAUSE_BETWEEN_RUNTIMES_S = 0.2  # ONNX Runtime's and TVM's worker threads spin-wait after a call
+T1_ROUNDS_PER_REPEAT = 3  # each T=1 row runs 3 x --repeats steps (a step takes 3-20 ms)
 
 
 def tune(args) -> None:
@@ -124,12 +130,12 @@ def compile_static(name: str, tokens: int, *, tuning_db=None, quantize=None, pre
     return out
 
 
-def time_artifact(path: Path, ids: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
+def artifact_call(path: Path, ids: np.ndarray):
+    """A function running the artifact at ``path`` on ``ids`` (returns the logits)."""
     import slimgraph
 
     model = slimgraph.load(path)
-    call = lambda: model(input_ids=ids)[0]  # noqa: E731
-    return measure(call, repeats=repeats), call()
+    return lambda: model(input_ids=ids)[0]
 
 
 def measure_all(args) -> None:
@@ -138,31 +144,48 @@ def measure_all(args) -> None:
     pin_threads(args.threads)
     rng = np.random.default_rng(0)
     ids128 = rng.integers(0, 49152, (1, 128)).astype(np.int64)
-    ids1 = ids128[:, :1].copy()
     config = json.loads((Path(resolve_model("smollm2").path) / "config.json").read_text())
     result = {"machine": machine_description(), "threads": args.threads, "memory": memory_bandwidth(args.threads),
-              "gemm_ceiling": gemm_ceiling(args.threads), "flops_T128": forward_flops(config, 128), "T128": {}, "T1": {}}
-    ort_call = run_ort(onnx_file("smollm2", str(resolve_model("smollm2").path)), {"input_ids": ids128}, args.threads)
-    reference = ort_call()
-    result["T128"]["onnxruntime fp32"] = measure(ort_call, repeats=args.repeats)
-    report = json.loads((Path(args.db) / "tune-wall-time.json").read_text()) if (Path(args.db) / "tune-wall-time.json").is_file() else None
-    result["tuning"] = report
-    for label, db in (("slimgraph fp32 untuned", None), ("slimgraph fp32 tuned", args.db)):
-        path = compile_static(label.split()[-1] + "-T128", 128, tuning_db=db)
-        timing, out = time_artifact(path, ids128, args.repeats)
-        tuning = json.loads((path / "report.json").read_text()).get("tuning")
-        result["T128"][label] = {**timing, "cosine_vs_ort": cosine(out, reference),
-                                 **({"kernels_matched": len(tuning.get("matched", [])),
-                                     "kernels_kept_default": len(tuning.get("kept_default", [])),
-                                     "kernels_fallback": len(tuning.get("fallback", []))} if tuning else {})}
-    for label, quantize, prefetch in (("slimgraph fp32", None, True), ("slimgraph int4 g128", "int4", True),
-                                      ("slimgraph int4 g128, no prefetch", "int4", False)):
-        path = compile_static(f"{quantize or 'fp32'}-T1{'' if prefetch else '-no-prefetch'}", 1, quantize=quantize,
-                              prefetch=prefetch)
-        timing, _ = time_artifact(path, ids1, args.repeats)
-        result["T1"][label] = {**timing, "weight_bytes_read": _weights_read_per_step(path, 1)}
+              "gemm_ceiling": gemm_ceiling(args.threads), "flops_T128": forward_flops(config, 128)}
+    db_report = Path(args.db) / "tune-wall-time.json"
+    result["tuning"] = json.loads(db_report.read_text()) if db_report.is_file() else None
+    result["T128"] = measure_prompt(args, ids128)
+    result["T1"] = measure_decoding(args, ids128[:, :1].copy())
     print_summary(result)
     print(f"\nwrote {write_results('stage3-x86', result)}")
+
+
+def measure_prompt(args, ids: np.ndarray) -> dict:
+    """The T=128 rows, timed in turns (each pass streams all weights, so no row leaves another a
+    warmer cache), each checked against ONNX Runtime's logits."""
+    from slimgraph.models.registry import resolve_model
+
+    calls = {"onnxruntime fp32": run_ort(onnx_file("smollm2", str(resolve_model("smollm2").path)),
+                                         {"input_ids": ids}, args.threads)}
+    paths = {label: compile_static(label.split()[-1] + "-T128", 128, tuning_db=db)
+             for label, db in (("slimgraph fp32 untuned", None), ("slimgraph fp32 tuned", args.db))}
+    calls.update({label: artifact_call(path, ids) for label, path in paths.items()})
+    rows = measure_interleaved(calls, repeats=args.repeats, pause_s=PAUSE_BETWEEN_RUNTIMES_S)
+    reference = calls["onnxruntime fp32"]()
+    for label, path in paths.items():
+        tuning = json.loads((path / "report.json").read_text()).get("tuning")
+        rows[label].update({"cosine_vs_ort": cosine(calls[label](), reference),
+                            **({"kernels_matched": len(tuning.get("matched", [])),
+                                "kernels_kept_default": len(tuning.get("kept_default", [])),
+                                "kernels_fallback": len(tuning.get("fallback", []))} if tuning else {})})
+    return rows
+
+
+def measure_decoding(args, ids: np.ndarray) -> dict:
+    """The T=1 rows, one build after the other: steps of one model follow each other, as in a
+    decoding loop, so weights that fit the last-level cache may stay there between its steps (the
+    steps of another build in between would evict them)."""
+    paths = {label: compile_static(f"{quantize or 'fp32'}-T1{'' if prefetch else '-no-prefetch'}", 1,
+                                   quantize=quantize, prefetch=prefetch)
+             for label, quantize, prefetch in (("slimgraph fp32", None, True), ("slimgraph int4 g128", "int4", True),
+                                               ("slimgraph int4 g128, no prefetch", "int4", False))}
+    return {label: {**measure(artifact_call(path, ids), repeats=T1_ROUNDS_PER_REPEAT * args.repeats),
+                    "weight_bytes_read": _weights_read_per_step(path, 1)} for label, path in paths.items()}
 
 
 def print_summary(result: dict) -> None:
