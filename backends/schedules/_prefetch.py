@@ -1,25 +1,28 @@
 """Software prefetch of the next task's weights in the low-bit one-row products (CPUs).
 
-A one-row product over packed low-bit words (``_quantized_gemv``) reads every word once, one tile
-of columns per parallel task. The tiles of one core follow each other in memory (column panels,
-``pack_weights``), but the hardware prefetchers follow a stream only within a 4 KB page and start
-over at every page boundary, and the dequantizing loop, a mask, a conversion and a multiply-add a
-code, asks for the next line too late to hide those restarts: words not in cache arrived at a
-third of the speed they did from cache (``bench/stage3_x86_gemv.py`` times both). So, at every
-word row ``r`` of task ``t``, the kernel prefetches row ``r`` of task ``t + 1`` into L2, one
-prefetch per 64-byte line::
+A one-row product over packed low-bit words (``_quantized_gemv``, and its integer form over 8-bit
+activation codes, ``_integer_gemv``) reads every word once, one tile of columns per parallel task.
+The tiles of one core follow each other in memory (column panels, ``pack_weights``), but the
+hardware prefetchers follow a stream only within a 4 KB page and start over at every page
+boundary, and the dequantizing loop (a mask, a conversion and a multiply-add a code) asks for the
+next line too late to hide those restarts. So, at every word row ``r`` of task ``t``, the kernel
+prefetches row ``r`` of task ``t + 1`` into L2, one prefetch per 64-byte line::
 
     for t in parallel(tasks):
         for r in rows:                                  # the loop over word rows
             prefetch(&W[index(min(t + 1, tasks - 1), r, lane = 16 l)])  for l < lanes / 16
             ... the row's multiply-adds, W[index(t, r, lane)] ...
 
-``index`` is the product block's own read of the words, its iterators bound as the loops bind
-them, with the task moved one ahead (clamped at the last) and every loop inside the row loop at 0;
-the line offsets step the last (contiguous) index, along which a tile's columns lie in both the
-packed and the row-major layout. A prefetch never faults, so the clamp only keeps the address in
-the buffer. Float32 one-row products (``_gemv``) do not get it: they issue their loads fast enough
-for the prefetchers, and the extra instructions made them slower.
+``index`` is the read of the words by the block inside the row loop (the product's loop nest, or
+the block of the integer kernel's tensor intrinsic), its iterators bound as the loops bind them,
+with the task moved one ahead (clamped at the last) and every loop inside the row loop at 0. The
+line offsets step the last (contiguous) index, along which a tile's columns lie in both the packed
+and the row-major layout, over as many elements as the row's loops read along it. A prefetch never
+faults, so the clamp only keeps the address in the buffer.
+
+``bench/stage3_x86.py measure`` builds SmolLM2's int4 decoding step with and without the prefetch
+(``PREFETCH_TASKS_AHEAD = 0``) and times both. Float32 one-row products (``_gemv``) do not get it:
+their loads come fast enough for the prefetchers, and the extra instructions made them slower.
 
 TVM 0.27 has no Python TIR mutator; ``_insert_at_body_start`` rebuilds the loops and blocks on the
 path to the row loop with their constructors and leaves every other statement as it is.
@@ -29,56 +32,65 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir import Schedule
-from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.s_tir.schedule import LoopRV
 
 LINE_BYTES = 64          # cache line of the x86 and ARM cores slimgraph targets
 LOCALITY_L2 = 2          # llvm.prefetch locality 2: x86 prefetcht1 (into L2), AArch64 PLDL2KEEP
 
 
-def prefetch_next_task(sch: Schedule, task: LoopRV, row: LoopRV, block: SBlockRV, buffer: tirx.Buffer,
+def prefetch_next_task(sch: Schedule, task: LoopRV, row: LoopRV, buffer: tirx.Buffer,
                        ahead: int = 1) -> tirx.PrimFunc:
     """The scheduled function with the prefetch above (``ahead`` tasks on) inserted at the start of
-    ``row``'s body: ``block`` reads ``buffer`` inside ``row``, which runs inside the parallel ``task``
-    loop."""
+    ``row``'s body. The addresses follow the block inside ``row`` that reads ``buffer`` (a loop nest
+    or a tensor intrinsic's block); ``row`` runs inside the parallel ``task`` loop. Raises where the
+    read cannot be followed (a block that does not read it, a row of symbolic length)."""
     func = sch.mod["main"]
     task_loop, row_loop = sch.get(task), sch.get(row)
-    realize = _find_realize(row_loop.body, sch.get(block))
+    realize = _reader(row_loop.body, buffer)
     if realize is None:
-        raise ValueError(f"block {sch.get(block).name_hint} is not inside the row loop")
+        raise ValueError(f"nothing inside the row loop reads {buffer.name}")
+    read, last_extent = _bound_read(realize, buffer)
+    inner = _loops(row_loop.body)
     line = tirx.Var("prefetch_line", "int64")
-    address = _task_ahead_index(realize, buffer, task_loop, ahead, _loop_vars(row_loop.body), line)
+    address = _task_ahead_index(read, task_loop, ahead, [loop.loop_var for loop in inner], line, buffer)
     call = tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(tirx.BufferLoad(buffer, address)),
                                  tirx.const(0, "uint32"), tirx.const(LOCALITY_L2, "uint32"),
                                  tirx.const(1, "uint32"))
-    lines = max(1, _row_bytes(row_loop.body, buffer) // LINE_BYTES)
-    prefetch = tirx.For(line, tirx.const(0, "int64"), tirx.const(lines, "int64"), tirx.ForKind.UNROLLED,
-                        tirx.Evaluate(call))
+    row_bytes = _row_elements(read[-1], last_extent, inner, _loops(func.body)) * (buffer.dtype.bits // 8)
+    prefetch = tirx.For(line, tirx.const(0, "int64"), tirx.const(max(1, row_bytes // LINE_BYTES), "int64"),
+                        tirx.ForKind.UNROLLED, tirx.Evaluate(call))
     return func.with_body(_insert_at_body_start(func.body, row_loop.loop_var, prefetch))
 
 
-def _task_ahead_index(realize, buffer: tirx.Buffer, task_loop: tirx.For, ahead: int, inner: list,
-                      line: tirx.Var) -> list:
-    """The indices of ``buffer`` read by ``realize`` ``ahead`` tasks on (clamped at the last task), at
-    the start of the row, plus ``line`` cache lines along the last index."""
-    region = next((r for r in realize.block.reads if r.source.same_as(buffer)), None)
-    if region is None:
-        raise ValueError(f"block {realize.block.name_hint} does not read {buffer.name}")
+def _bound_read(realize, buffer: tirx.Buffer) -> tuple[list, int]:
+    """The first indices of the region of ``buffer`` the block of ``realize`` reads, over the loops
+    that bind its iterators, and the region's extent along the last index."""
+    region = next(r for r in realize.block.reads if r.source.same_as(buffer))
     iter_vars = [iv.var for iv in realize.block.iter_vars]
-    bound = tirx.IndexMap(iter_vars, [r.min for r in region.region], None).map_indices(list(realize.iter_values))
+    read = tirx.IndexMap(iter_vars, [r.min for r in region.region], None).map_indices(list(realize.iter_values))
+    return list(read), int(region.region[-1].extent)
+
+
+def _task_ahead_index(read: list, task_loop: tirx.For, ahead: int, inner: list, line: tirx.Var,
+                      buffer: tirx.Buffer) -> list:
+    """``read`` ``ahead`` tasks on (clamped at the last task) at the start of the row (the ``inner``
+    loop variables at 0), plus ``line`` cache lines along the last index."""
     task = task_loop.loop_var
     later = tirx.min(task + ahead, task_loop.min + task_loop.extent - 1)
     zero = [tirx.const(0, str(v.ty)) for v in inner]
-    index = list(tirx.IndexMap([task, *inner], list(bound), None).map_indices([later, *zero]))
-    per_line = LINE_BYTES // (buffer.dtype.bits // 8)
-    index[-1] = index[-1] + line * per_line
+    index = list(tirx.IndexMap([task, *inner], read, None).map_indices([later, *zero]))
+    index[-1] = index[-1] + line * (LINE_BYTES // (buffer.dtype.bits // 8))
     return index
 
 
-def _row_bytes(body, buffer: tirx.Buffer) -> int:
-    """Bytes of ``buffer`` one row step reads: the extent of the vectorized loop over its columns
-    (one vector of the tile) times the element size, or one line where there is none."""
-    lanes = [int(loop.extent) for loop in _loops(body) if loop.kind == tirx.ForKind.VECTORIZED]
-    return (max(lanes) if lanes else 1) * (buffer.dtype.bits // 8)
+def _row_elements(last_index, extent: int, inner: list, loops: list) -> int:
+    """Elements along the last index one row step reads: from the ``inner`` loops at their first
+    values to their last ones, plus the block's own extent (every other loop at its first value)."""
+    first = {loop.loop_var: loop.min for loop in loops}
+    last = {**first, **{loop.loop_var: loop.min + loop.extent - 1 for loop in inner}}
+    low, high = (int(tirx.IndexMap(list(values), [last_index], None).map_indices(list(values.values()))[0])
+                 for values in (first, last))
+    return high - low + extent
 
 
 def _loops(stmt) -> list:
@@ -86,13 +98,10 @@ def _loops(stmt) -> list:
     return [s for s in statements(stmt) if isinstance(s, tirx.For)]
 
 
-def _loop_vars(stmt) -> list:
-    return [loop.loop_var for loop in _loops(stmt)]
-
-
-def _find_realize(stmt, block):
-    """The realize of ``block`` inside ``stmt`` (None if it is not there)."""
-    return next((s for s in statements(stmt) if isinstance(s, s_tir.SBlockRealize) and s.block.same_as(block)), None)
+def _reader(stmt, buffer: tirx.Buffer):
+    """The first block realize inside ``stmt`` whose block reads ``buffer`` (None if there is none)."""
+    return next((s for s in statements(stmt) if isinstance(s, s_tir.SBlockRealize)
+                 and any(r.source.same_as(buffer) for r in s.block.reads)), None)
 
 
 def statements(stmt):

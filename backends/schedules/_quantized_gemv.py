@@ -42,7 +42,7 @@ from ._gemv import TILE_VECTORS, column_tile, full_tile_parts, place_epilogue
 DEQUANTIZE_ATTR = "slimgraph.dequantize"  # {"bits", "group_size"} on the dequantize PrimFunc
 ROLE = "slimgraph.quantized_gemv"  # block annotation: "partial" / "output"
 CODES_PER_WORD = "slimgraph.codes_per_word"  # on the partial block
-PREFETCH_TASKS_AHEAD = 1  # tasks ahead whose words the float kernel prefetches (0: none; see _prefetch)
+PREFETCH_TASKS_AHEAD = 1  # tasks ahead whose words the kernels prefetch (0: none; see _prefetch)
 
 
 def zero_point(zeros: tuple, index: tuple, bits: int):
@@ -161,8 +161,8 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> tirx.PrimFunc | None:
     independent chains of multiply-adds) are too few for the cores, the chunks are split into
     parts as well rather than the tiles narrowed to one or two chains (``rfactor``: each task sums
     its part of the chunks into a partial row, a last vector loop adds the parts and applies the
-    epilogue). The float kernel then prefetches the next task's words (``_prefetch``) and is
-    returned as a function; the integer kernel is left in ``sch``."""
+    epilogue). The kernel then prefetches the next task's words (``_prefetch``) and is returned as a
+    function (left in ``sch`` when ``PREFETCH_TASKS_AHEAD`` is 0)."""
     roles = {_role(sch, b): b for b in root_blocks(sch)}
     if "output" not in roles or "partial" not in roles:
         raise ValueError("not a factored quantized product")
@@ -188,6 +188,7 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> tirx.PrimFunc | None:
     sch.reverse_compute_at(store, task, preserve_unit_loops=True)
     sch.compute_at(part, chunks)
     sch.set_scope(part, 0, "local")
+    words_buffer = _words_buffer(sch, part)
     if _integer_gemv.INTEGER_DOT in sch.get(part).annotations:
         words, tensorize = _integer_gemv.tensorize_partial(sch, part)
     else:
@@ -202,9 +203,18 @@ def schedule(sch: Schedule, lanes: int, cores: int) -> tirx.PrimFunc | None:
     tile = task if splits == 1 else _sum_parts(sch, out, lanes)
     if epi is not None:
         place_epilogue(sch, epi, tile, lanes)
-    if tensorize is None and PREFETCH_TASKS_AHEAD:
-        return _prefetch.prefetch_next_task(sch, task, words, part, _words_buffer(sch, part), PREFETCH_TASKS_AHEAD)
-    return None
+    return _with_prefetch(sch, task, words, words_buffer)
+
+
+def _with_prefetch(sch: Schedule, task, words, words_buffer: tirx.Buffer) -> tirx.PrimFunc | None:
+    """The scheduled function with the prefetch of the next task's words (None: ``sch`` as it is,
+    where ``PREFETCH_TASKS_AHEAD`` is 0 or the words' read is one the prefetch cannot follow)."""
+    if not PREFETCH_TASKS_AHEAD:
+        return None
+    try:
+        return _prefetch.prefetch_next_task(sch, task, words, words_buffer, PREFETCH_TASKS_AHEAD)
+    except Exception:  # pylint: disable=broad-except
+        return None
 
 
 def _words_buffer(sch: Schedule, part) -> tirx.Buffer:
