@@ -237,8 +237,9 @@ def _loop_values(loops, rng) -> dict:
 
 def _evaluate(exprs, values: dict) -> tuple:
     """The integer values of ``exprs`` with every variable of ``values`` bound."""
-    names = list(values)
-    return tuple(int(v) for v in tvm.tirx.IndexMap(names, list(exprs), None).map_indices([values[n] for n in names]))
+    from slimgraph.backends.schedules._prefetch import substitute
+
+    return tuple(int(v) for v in substitute(exprs, values))
 
 
 @pytest.mark.parametrize("case", ["int4_linear_add", "int4_down_add", "int4_gate_up", "int4_codes_add",
@@ -250,7 +251,7 @@ def test_the_prefetch_touches_words_the_next_task_reads(case):
     kernel and in the integer one (a tensor intrinsic's block reads the words where VNNI is there)."""
     from tvm import s_tir
 
-    from slimgraph.backends.schedules._prefetch import LINE_BYTES, statements
+    from slimgraph.backends.schedules._prefetch import LINE_BYTES, statements, substitute
 
     body, types, _ = ONE_ROW_CASES[case]
     _, _, scheduled, _ = scheduled_kernel(fused_module(body, types))
@@ -266,8 +267,8 @@ def test_the_prefetch_touches_words_the_next_task_reads(case):
     region = next(r for r in realize.block.reads if r.source.same_as(words))
     inner = [s for s in statements(row.body.seq[1]) if isinstance(s, tvm.tirx.For)]
     outer = [loop for loop in loops if loop not in inner and not loop.same_as(line_loop)]
-    iter_vars = [iv.var for iv in realize.block.iter_vars]
-    read = [_evaluate_in(r.min, iter_vars, realize.iter_values) for r in region.region]
+    bindings = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+    read = substitute([r.min for r in region.region], bindings)
     rng = np.random.default_rng(0)
     per_line = LINE_BYTES // 4
     for t in range(int(task.extent) - 1):
@@ -279,8 +280,3 @@ def test_the_prefetch_touches_words_the_next_task_reads(case):
             touched = _evaluate(address.indices, {**values, line_loop.loop_var: line})
             line_words = {touched[:-1] + (touched[-1] + i,) for i in range(per_line)}
             assert line_words & read_by_next, f"task {t}: line {line} at {touched} is not read by task {t + 1}"
-
-
-def _evaluate_in(expr, iter_vars: list, bindings) -> object:
-    """``expr`` over a block's iterators rewritten over the loops that bind them."""
-    return tvm.tirx.IndexMap(list(iter_vars), [expr], None).map_indices(list(bindings))[0]

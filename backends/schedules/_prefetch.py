@@ -66,9 +66,8 @@ def _bound_read(realize, buffer: tirx.Buffer) -> tuple[list, int]:
     """The first indices of the region of ``buffer`` the block of ``realize`` reads, over the loops
     that bind its iterators, and the region's extent along the last index."""
     region = next(r for r in realize.block.reads if r.source.same_as(buffer))
-    iter_vars = [iv.var for iv in realize.block.iter_vars]
-    read = tirx.IndexMap(iter_vars, [r.min for r in region.region], None).map_indices(list(realize.iter_values))
-    return list(read), int(region.region[-1].extent)
+    bindings = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+    return substitute([r.min for r in region.region], bindings), int(region.region[-1].extent)
 
 
 def _task_ahead_index(read: list, task_loop: tirx.For, ahead: int, inner: list, line: tirx.Var,
@@ -77,8 +76,7 @@ def _task_ahead_index(read: list, task_loop: tirx.For, ahead: int, inner: list, 
     loop variables at 0), plus ``line`` cache lines along the last index."""
     task = task_loop.loop_var
     later = tirx.min(task + ahead, task_loop.min + task_loop.extent - 1)
-    zero = [tirx.const(0, str(v.ty)) for v in inner]
-    index = list(tirx.IndexMap([task, *inner], read, None).map_indices([later, *zero]))
+    index = substitute(read, {task: later, **{v: tirx.const(0, str(v.ty)) for v in inner}})
     index[-1] = index[-1] + line * (LINE_BYTES // (buffer.dtype.bits // 8))
     return index
 
@@ -88,9 +86,14 @@ def _row_elements(last_index, extent: int, inner: list, loops: list) -> int:
     values to their last ones, plus the block's own extent (every other loop at its first value)."""
     first = {loop.loop_var: loop.min for loop in loops}
     last = {**first, **{loop.loop_var: loop.min + loop.extent - 1 for loop in inner}}
-    low, high = (int(tirx.IndexMap(list(values), [last_index], None).map_indices(list(values.values()))[0])
-                 for values in (first, last))
-    return high - low + extent
+    (low,), (high,) = (substitute([last_index], values) for values in (first, last))
+    return int(high) - int(low) + extent
+
+
+def substitute(exprs: list, values: dict) -> list:
+    """``exprs`` with each variable of ``values`` replaced by its value, simplified (integers where
+    every variable is bound)."""
+    return list(tirx.IndexMap(list(values), list(exprs), None).map_indices(list(values.values())))
 
 
 def _loops(stmt) -> list:
