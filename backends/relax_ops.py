@@ -266,30 +266,57 @@ def _batch_norm(ctx, args):
     return R.add(R.multiply(x, ctx.emit(R.reshape(scale, shape))), ctx.emit(R.reshape(shift, shape)))
 
 
+FLOAT_MAGIC_BITS = 0x4B000000  # the float32 2^23: its mantissa's low bits hold a small integer exactly
+FLOAT_MAGIC = float(1 << 23)
+
+
+def code_to_float(code, *, through_bits: bool = False):
+    """A small unsigned integer code (under 2^23) as float32. ``through_bits`` writes the code into the
+    mantissa of 2^23 and subtracts 2^23 (``(2^23 + q) - 2^23 = q`` exactly): a bitwise or and a float
+    subtraction, where the integer-to-float conversion runs on GPUs at a quarter of the float rate."""
+    from tvm import tirx
+
+    if not through_bits:
+        return code.astype("float32")
+    biased = tirx.bitwise_or(code, tirx.const(FLOAT_MAGIC_BITS, "uint32"))
+    return tirx.reinterpret("float32", biased) - tirx.const(FLOAT_MAGIC, "float32")
+
+
+def dequantize_compute(words, scales, zeros, *, bits: int, group: int, out_shape, out_dtype: str,
+                       codes_through_bits: bool = False):
+    """TE tensor ``(q - z) * s`` of packed words ``[K / per_word, ...]``, scales and optional zero
+    points ``[K / group, ...]``, as ``out_dtype`` (``zeros`` empty: symmetric codes)."""
+    from tvm import te, tirx
+
+    from slimgraph.backends.schedules._quantized_gemv import zero_point
+
+    per_word = 32 // bits
+
+    def element(k, *rest):
+        shift = tirx.Cast("uint32", tirx.floormod(k, per_word) * bits)
+        word = words[(tirx.floordiv(k, per_word),) + rest]
+        code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
+        g = (tirx.floordiv(k, group),) + rest
+        zero = zero_point(zeros, g, bits)
+        scale = scales[g].astype("float32")
+        # code * scale - zero * scale: one fused multiply-add per weight, zero * scale is the
+        # same for a whole group (hoisted out of the unrolled k steps of a product)
+        return (code_to_float(code, through_bits=codes_through_bits) * scale - zero * scale).astype(out_dtype)
+
+    return te.compute(out_shape, element, name="dequantize")
+
+
 @lowering(ops.DEQUANTIZE)
 def _dequantize(ctx, args):
     """A TE compute (one injective block) that FuseTIR inlines into the consuming kernel."""
-    from tvm import te, tirx
+    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
 
-    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, zero_point
-
-    bits, group, rows = ctx.node.attr("bits"), ctx.node.attr("group_size"), ctx.node.attr("rows")
+    bits, group = ctx.node.attr("bits"), ctx.node.attr("group_size")
     out_dtype = TVM_DTYPES[ctx.node.attr("dtype")]
-    per_word = 32 // bits
 
     def compute(words, scales, *zeros):
-        def element(k, *rest):
-            shift = tirx.Cast("uint32", tirx.floormod(k, per_word) * bits)
-            word = words[(tirx.floordiv(k, per_word),) + rest]
-            code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
-            g = (tirx.floordiv(k, group),) + rest
-            zero = zero_point(zeros, g, bits)
-            scale = scales[g].astype("float32")
-            # code * scale - zero * scale: one fused multiply-add per weight, zero * scale is the
-            # same for a whole group (hoisted out of the unrolled k steps of a product)
-            return (code.astype("float32") * scale - zero * scale).astype(out_dtype)
-
-        return te.compute(ctx.out_shape(), element, name="dequantize")
+        return dequantize_compute(words, scales, zeros, bits=bits, group=group, out_shape=ctx.out_shape(),
+                                  out_dtype=out_dtype)
 
     return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize",
                                primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})

@@ -320,3 +320,70 @@ def test_int4_words_are_stored_transposed_where_the_products_are_wide():
                  for g, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc) and "matmul" in g.name_hint}
     transposed = [rule for name, rule in rules.items() if "transpose_reshape_dequantize" in name]
     assert transposed and set(transposed) == {"GEMV"}, rules
+
+
+def _dequantize_prim_func(rows: int, outputs: int, zeros: bool, dtype):
+    """The dequantize PrimFunc that ``lower_to_relax`` makes for packed int4 words [rows / 8, outputs]."""
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.compiler import ops
+    from slimgraph.compiler.ir import FunctionBuilder, Module
+    from slimgraph.compiler.types import DType, TensorType
+
+    groups = rows // 16
+    b = FunctionBuilder("main", {})
+    inputs = [b.param("w", TensorType(DType.u32, (rows // 8, outputs))),
+              b.param("s", TensorType(DType.f16, (groups, outputs)))]
+    if zeros:
+        inputs.append(b.param("z", TensorType(DType.f16, (groups, outputs))))
+    b.output(b.add(ops.DEQUANTIZE, inputs, {"bits": 4, "group_size": 16, "rows": rows, "dtype": dtype}))
+    lowered = lower_to_relax(Module({"main": b.build()}, {})).ir_module
+    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    return func
+
+
+@pytest.mark.parametrize("zeros,dtype", [(True, "f16"), (False, "f32"), (True, "f32")])
+def test_cuda_dequantize_makes_floats_of_codes_through_their_bits_with_the_same_values(zeros, dtype):
+    """The CUDA pipeline's dequantize has no integer-to-float conversion of a code (an or into the
+    bits of 2^23, then a subtraction of 2^23) and gives the very values of the plain one: both built
+    for the CPU and run on words holding every code, compared bit for bit."""
+    import tvm
+
+    from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits
+    from slimgraph.compiler.types import DType
+
+    plain = _dequantize_prim_func(64, 24, zeros, DType.f16 if dtype == "f16" else DType.f32)
+    rebuilt = codes_through_bits(plain)
+    assert 'T.Cast("float32", w[' in plain.script() and "T.reinterpret" not in plain.script()
+    assert 'T.Cast("float32", w[' not in rebuilt.script() and 'T.reinterpret("float32"' in rebuilt.script()
+    assert dict(rebuilt.attrs) == dict(plain.attrs)
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2 ** 32, size=(8, 24), dtype=np.uint32)
+    words[0, :16] = np.arange(16, dtype=np.uint32) * 0x11111111  # every code in every position
+    params = [words, (rng.random((4, 24)) * 0.1 + 0.01).astype(np.float16)]
+    if zeros:
+        params.append(rng.integers(0, 16, size=(4, 24)).astype(np.float16) + np.float16(0.25))
+    outs = []
+    for func in (plain, rebuilt):
+        built = tvm.tirx.build(func.with_attr("global_symbol", "dequantize"), target="llvm")
+        out = tvm.runtime.tensor(np.zeros((64, 24), "float16" if dtype == "f16" else "float32"))
+        built(*[tvm.runtime.tensor(p) for p in params], out)
+        outs.append(out.numpy())
+    assert np.array_equal(outs[0].view(np.uint8), outs[1].view(np.uint8))
+    assert len(np.unique(outs[1])) > 100
+
+
+def test_cuda_pipeline_dequantizes_the_one_token_products_through_the_bits():
+    """Every fused product of an int4 one-token CUDA build reads its codes through the bits; the CPU
+    pipeline keeps its own (factored) kernels."""
+    from tvm import tirx
+
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)},
+                             recipe=recipe_from_flags(quantize="int4", group_size=32))
+    lowered, _ = _lowered_for_cuda("tiny-llama", options)
+    products = {g.name_hint: f.script() for g, f in lowered.functions_items()
+                if isinstance(f, tirx.PrimFunc) and "dequantize" in g.name_hint}
+    assert len(products) >= 4, sorted(products)
+    assert all('T.reinterpret("float32"' in text and 'T.Cast("float32", p' not in text.split("T.reinterpret")[0]
+               for text in products.values()), sorted(products)

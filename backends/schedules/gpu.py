@@ -34,6 +34,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 
 
@@ -141,6 +142,7 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
 def lowering_passes(target: Target) -> list:
     """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts)."""
     return cuda_pipeline.library_dispatch_passes(target) + [
+        codes_through_bits_pass(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps(),
