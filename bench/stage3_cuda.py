@@ -164,24 +164,40 @@ def _artifact_module(artifact: Path):
     return module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})
 
 
+def _gathered_extent(module, fn, value: str) -> int | None:
+    """The length of the gathered axis if every use of ``value`` in ``fn`` is the table of a gather
+    (``take``'s first input), followed through layout ops (transpose, reshape) and into the fused
+    functions it is passed to; None if some use reads it otherwise."""
+    from slimgraph.compiler import ops
+
+    types, extents = fn.value_types(module), []
+    for node in fn.nodes:
+        for i in (i for i, ref in enumerate(node.inputs) if ref == value):
+            callee = module.functions.get(node.callee) if node.callee else None
+            if node.op is ops.TAKE and i == 0:
+                extents.append(types[value].shape[node.attr("axis")])
+            elif node.op in (ops.TRANSPOSE, ops.RESHAPE):
+                extents.append(_gathered_extent(module, fn, node.name))
+            elif callee is not None:
+                extents.append(_gathered_extent(module, callee, callee.params[i].name))
+            else:
+                return None
+    return None if not extents or None in extents else min(extents)
+
+
 def _weights_read_per_step(artifact: Path, tokens: int) -> int:
     """Bytes of weights one forward pass of ``tokens`` tokens reads: every weight once, except
-    tables read only by gathers (token embeddings), of which only ``tokens`` rows are read."""
-    from slimgraph.compiler import ops
+    tables read only by gathers (token embeddings, also inside fused functions), of which only
+    ``tokens`` entries of the gathered axis are read."""
     from slimgraph.compiler.printer import parse_module
     from slimgraph.compiler.weights_io import read_safetensors
 
     module = parse_module((artifact / "graph.ir").read_text())
-    readers: dict[str, set] = {}
-    for fn in module.functions.values():
-        for node in fn.nodes:
-            for ref in node.inputs:
-                if ref.startswith("@"):
-                    readers.setdefault(ref[1:], set()).add(node.op is ops.TAKE and node.inputs[0] == ref)
     total = 0
     for name, array in read_safetensors(artifact / "weights.safetensors").items():
-        gathered_only = readers.get(name) == {True}
-        total += array.nbytes * tokens // array.shape[-1] if gathered_only and array.ndim == 2 else array.nbytes
+        extents = [_gathered_extent(module, fn, "@" + name) for fn in module.entries if name in fn.weight_refs()]
+        gathered = extents and None not in extents
+        total += array.nbytes * tokens // min(extents) if gathered else array.nbytes
     return int(total)
 
 
