@@ -387,3 +387,89 @@ def test_cuda_pipeline_dequantizes_the_one_token_products_through_the_bits():
     assert len(products) >= 4, sorted(products)
     assert all('T.reinterpret("float32"' in text and 'T.Cast("float32", p' not in text.split("T.reinterpret")[0]
                for text in products.values()), sorted(products)
+
+
+def _cuda_product_kernel(rows_of_x: int, k: int = 256, n: int = 64):
+    """The unscheduled fused kernel of ``matmul(x[rows_of_x, k] f16, dequantize(int4 words) -> f16, out f32)``
+    after the CUDA pipeline's lowering passes, and the product's inputs."""
+    import tvm
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler import ops
+    from slimgraph.compiler.ir import FunctionBuilder, Module
+    from slimgraph.compiler.types import DType, TensorType
+    from slimgraph.passes.fusion import fuse
+
+    b = FunctionBuilder("main", {})
+    x = b.param("x", TensorType(DType.f16, (1, rows_of_x, k)))
+    inputs = [b.param("w", TensorType(DType.u32, (k // 8, n))), b.param("s", TensorType(DType.f16, (k // 32, n))),
+              b.param("z", TensorType(DType.f16, (k // 32, n)))]
+    weight = b.add(ops.DEQUANTIZE, inputs, {"bits": 4, "group_size": 32, "rows": k, "dtype": DType.f16})
+    b.output(b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32}))
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(
+            lower_to_relax(fuse(Module({"main": b.build()}, {})).module).ir_module)
+    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    rng = np.random.default_rng(3)
+    data = [rng.standard_normal((1, rows_of_x, k)).astype(np.float16),
+            rng.integers(0, 2 ** 32, size=(k // 8, n), dtype=np.uint32),
+            (rng.random((k // 32, n)) * 0.1 + 0.01).astype(np.float16),
+            (rng.random((k // 32, n)) * 15).astype(np.float16)]
+    return func, data
+
+
+@pytest.mark.parametrize("rows_of_x", [1, 4])
+def test_cuda_one_token_products_read_float32_weights(rows_of_x):
+    """A one-token product of a float16 CUDA build multiplies by the float32 weights ``(q - z) * s``
+    (not rounded to float16 and back); products of several rows keep float16 weights (their GEMM
+    kernels stage the weights in shared memory). Run on the CPU against both references."""
+    import tvm
+
+    from slimgraph.passes.quant_format import dequantize_packed
+
+    func, (x, words, scales, zeros) = _cuda_product_kernel(rows_of_x)
+    built = tvm.tirx.build(func.with_attr("global_symbol", "product"), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((1, rows_of_x, 64), np.float32))
+    built(*[tvm.runtime.tensor(a) for a in (words, scales, zeros, x)], out)
+    weight32 = dequantize_packed(words, scales, zeros, bits=4, group_size=32, rows=256)
+    exact = x.astype(np.float32)[0] @ weight32
+    rounded = x.astype(np.float32)[0] @ weight32.astype(np.float16).astype(np.float32)
+    error = {name: float(np.abs(out.numpy()[0] - ref).max() / np.abs(ref).max())
+             for name, ref in (("float32", exact), ("float16", rounded))}
+    expected = "float32" if rows_of_x == 1 else "float16"
+    other = "float16" if rows_of_x == 1 else "float32"
+    assert error[expected] < 1e-6 and error[other] > 1e-5, error
+
+
+def test_one_token_softmax_over_one_key_is_one_cuda_kernel():
+    """A one-token step attends over a single key: its fused softmax -> cast -> mul (its unit
+    reductions look spatial to DLight) is one kernel, a thread block per head, instead of three."""
+    import tvm
+    from tvm import tirx
+
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler import ops
+    from slimgraph.compiler.ir import FunctionBuilder, Module
+    from slimgraph.compiler.types import DType, TensorType
+    from slimgraph.passes.fusion import fuse
+
+    b = FunctionBuilder("main", {})
+    scores = b.param("scores", TensorType(DType.f32, (1, 32, 1, 1)))
+    values = b.param("values", TensorType(DType.f16, (1, 32, 1, 64)))
+    weights = b.add(ops.CAST, [b.add(ops.SOFTMAX, [scores], {"axis": -1})], {"dtype": DType.f16})
+    b.output(b.add(ops.MUL, [weights, values]))
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(
+            lower_to_relax(fuse(Module({"main": b.build()}, {})).module).ir_module)
+        (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
+        fallback, _ = gpu.schedule_prim_func(func, target, [gpu.dl.gpu.Fallback()])
+    assert rule == "RowChain"
+    assert scheduled.script().count('thread="blockIdx.x"') == 1
+    assert 'T.thread_binding(T.int64(32), thread="blockIdx.x")' in scheduled.script()
+    assert fallback.script().count('thread="blockIdx.x"') == 3, "the kernels it replaces"

@@ -12,6 +12,8 @@ GPU schedule from TVM's DLight rules, tried in this order:
   or vector loads with the rows split over a warp's lanes, chosen by shape;
 * ``Matmul``: tiled GEMM through shared memory (prefill, batched tokens), prologues inlined;
 * ``RMSNorm`` / ``Reduction`` / ``GeneralReduction``: row reductions, softmax, layer norms;
+* ``RowChain`` (:mod:`.gpu_row_chain`): per-row values broadcast over a last block in one kernel
+  (a one-token softmax over a single key, whose unit reductions DLight sees as spatial);
 * ``Transpose`` and ``Fallback``: layout and element-wise kernels, one thread per element.
 
 Rules are tried in that order on each kernel; one that does not apply, or raises (some DLight
@@ -34,8 +36,9 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass
+from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass, weights_in_float32_pass
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
+from slimgraph.backends.schedules.gpu_row_chain import RowChain
 
 
 class StaticShapesOnly:
@@ -63,6 +66,7 @@ def default_rules() -> list:
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),
         StaticShapesOnly(dl.gpu.Transpose()),
+        StaticShapesOnly(RowChain()),
         dl.gpu.Fallback(),
     ]
 
@@ -142,6 +146,7 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
 def lowering_passes(target: Target) -> list:
     """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts)."""
     return cuda_pipeline.library_dispatch_passes(target) + [
+        weights_in_float32_pass(),
         codes_through_bits_pass(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),

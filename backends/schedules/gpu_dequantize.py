@@ -20,12 +20,19 @@ exactly, and subtracting ``2^23`` leaves ``q`` exactly:
 
 An or (which CUDA fuses with the mask into one ``LOP3``) and a float subtraction, both at the full
 rate. The values are bit for bit those of ``float(q)``: the kernels compute what they computed.
+
+A second pass, for one-token products only, keeps the dequantized weight in float32: a float16
+build's ``matmul(x, dequantize(..) -> f16, out f32)`` rounds every weight to float16 and converts it
+back to float32 for the multiply-add, two conversions a weight; ``weights_in_float32`` makes it
+``matmul(float32(x), dequantize(..) -> f32, out f32)``. The weights are then the exact
+``(q - z) * s`` of float32 rather than their nearest float16 (a relative difference of at most
+2^-11 a weight); the sums are float32 as before.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import te, tirx
+from tvm import relax, te, tirx
 
 from slimgraph.backends.relax_ops import dequantize_compute
 from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
@@ -62,5 +69,65 @@ def codes_through_bits_pass() -> tvm.transform.Pass:
         for gvar, func in rebuilt.items():
             mod[gvar] = func
         return mod
+
+    return _pass
+
+
+def _one_row_half(ty) -> bool:
+    """A float16 tensor of static shape (1, .., 1, K)."""
+    shape = getattr(ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or ty.dtype != "float16":
+        return False
+    return all(isinstance(d, tirx.IntImm) and d.value == 1 for d in shape.values[:-1])
+
+
+@relax.expr_functor.mutator
+class _WeightsInFloat32(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def visit_call_(self, call):
+        rewritten = self._rewritten(call)
+        return rewritten if rewritten is not None else super().visit_call_(call)
+
+    def _dequantize_producer(self, value):
+        producer = self.lookup_binding(value) if isinstance(value, relax.Var) else None
+        if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
+            return None
+        return producer if is_dequantize(self.mod_[producer.args[0]]) else None
+
+    def _rewritten(self, call):
+        if (call.op != tvm.ir.Op.get("relax.matmul") or str(call.attrs.out_dtype) != "float32"
+                or not _one_row_half(call.args[0].ty) or call.args[1].ty.dtype != "float16"):
+            return None
+        producer = self._dequantize_producer(call.args[1])
+        if producer is None:
+            return None
+        spec = self.mod_[producer.args[0]].attrs[DEQUANTIZE_ATTR]
+        bits, group = int(spec["bits"]), int(spec["group_size"])
+        shape = [int(d) for d in call.args[1].ty.shape.values]
+
+        def compute(words, scales, *zeros):
+            return dequantize_compute(words, scales, zeros, bits=bits, group=group, out_shape=shape,
+                                      out_dtype="float32", codes_through_bits=True)
+
+        weight = self.builder_.emit(self.builder_.call_te(
+            compute, *producer.args[1].fields, primfunc_name_hint="dequantize",
+            primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}}))
+        x = self.builder_.emit(relax.op.astype(call.args[0], "float32"))
+        return relax.op.matmul(x, weight, out_dtype="float32")
+
+
+def weights_in_float32_pass() -> tvm.transform.Pass:
+    """One-row float16 products of fused functions read their dequantized weights as float32."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimgraphWeightsInFloat32")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _WeightsInFloat32(mod)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
     return _pass
