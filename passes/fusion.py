@@ -27,7 +27,9 @@ its root keeps the entry topologically ordered. Groups are built greedily in fou
    attention's ``reshape -> transpose`` of q, read both by the rotary ``slice -> neg -> concat`` and
    by the score product, becomes part of the score product's operand reads instead of two kernels
    that write and re-read q: a kernel launch and a round trip through memory saved. With a prompt of
-   T tokens each q element is read T times, and the views stay kernels of their own.
+   T tokens each q element is read T times, and the views stay kernels of their own. A reduction's
+   elementwise epilogue absorbs a group it reads whole, each element once: attending over one key,
+   ``softmax(scores) * v`` computes the views that give v its heads' layout itself.
 4. **Outlining** (:mod:`slimgraph.passes.fusion_outline`): each group becomes a FUSED function
    whose params are the group's external inputs (weights are passed as call arguments), called
    from the entry by a ``call`` node that keeps the root's value name. Structurally identical
@@ -184,13 +186,23 @@ class Partitioner:
 
     def can_absorb(self, target: Group, group: Group) -> bool:
         """Whether ``target`` can compute the injective ``group`` itself: as part of an injective
-        kernel, or of a contraction's prologue (the reads of its operands)."""
+        kernel, of a contraction's prologue (the reads of its operands), or of the elementwise
+        epilogue of a reduction that reads each of its elements once."""
         if target.anchor is None:
             return True
+        readers = self.users[group.root] & target.members
+        if target.anchor.op.category is not OpCategory.CONTRACTION:
+            return not readers & self.prologue_of(target) and self.read_whole(readers, group.root)
         if not all(self.takes_into_prologue(target.anchor, self.nodes[m]) for m in group.members):
             return False
-        readers = self.users[group.root] & target.members
         return readers <= self.prologue_of(target) and self.read_once(target, group.root)
+
+    def read_whole(self, readers: set, root: str) -> bool:
+        """Whether each elementwise reader of ``root`` has ``root``'s shape (reads each element once,
+        where a broadcast operand would be read, and a copy recomputed, many times)."""
+        shape = self.nodes[root].type.shape
+        return all(self.nodes[r].op.category is OpCategory.ELEMENTWISE and self.nodes[r].type.shape == shape
+                   for r in readers)
 
     def read_once(self, target: Group, root: str) -> bool:
         """Whether the contraction of ``target`` reads each element of the operands that ``root``
