@@ -18,8 +18,8 @@ exactly, and subtracting ``2^23`` leaves ``q`` exactly:
 
     float(q) = bits_as_float(q | 0x4B000000) - 2^23.
 
-An or (which CUDA fuses with the mask into one ``LOP3``) and a float subtraction, both at the full
-rate. The values are bit for bit those of ``float(q)``: the kernels compute what they computed.
+An or (one ``LOP3`` instruction can compute the mask and the or together) and a float subtraction,
+both at the float rate. The values are bit for bit those of ``float(q)``: the kernels compute what they computed.
 
 A second pass, for one-token products only, keeps the dequantized weight in float32: a float16
 build's ``matmul(x, dequantize(..) -> f16, out f32)`` rounds every weight to float16 and converts it
