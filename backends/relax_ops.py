@@ -273,7 +273,8 @@ FLOAT_MAGIC = float(1 << 23)
 def code_to_float(code, *, through_bits: bool = False):
     """A small unsigned integer code (under 2^23) as float32. ``through_bits`` writes the code into the
     mantissa of 2^23 and subtracts 2^23 (``(2^23 + q) - 2^23 = q`` exactly): a bitwise or and a float
-    subtraction, where the integer-to-float conversion runs on GPUs at a quarter of the float rate."""
+    subtraction, where CUDA's throughput table lists the integer-to-float conversion at an eighth of
+    the float multiply-add rate on Hopper."""
     from tvm import tirx
 
     if not through_bits:
@@ -306,20 +307,24 @@ def dequantize_compute(words, scales, zeros, *, bits: int, group: int, out_shape
     return te.compute(out_shape, element, name="dequantize")
 
 
+def call_dequantize(builder, args, *, bits: int, group: int, out_shape, out_dtype: str):
+    """``builder.call_te`` of :func:`dequantize_compute` over ``args`` (words, scales, [zeros]): a
+    PrimFunc marked with its bits and group size, which FuseTIR inlines into the consuming kernel."""
+    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
+
+    def compute(words, scales, *zeros):
+        return dequantize_compute(words, scales, zeros, bits=bits, group=group, out_shape=out_shape,
+                                  out_dtype=out_dtype)
+
+    return builder.call_te(compute, *args, primfunc_name_hint="dequantize",
+                           primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})
+
+
 @lowering(ops.DEQUANTIZE)
 def _dequantize(ctx, args):
     """A TE compute (one injective block) that FuseTIR inlines into the consuming kernel."""
-    from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
-
-    bits, group = ctx.node.attr("bits"), ctx.node.attr("group_size")
-    out_dtype = TVM_DTYPES[ctx.node.attr("dtype")]
-
-    def compute(words, scales, *zeros):
-        return dequantize_compute(words, scales, zeros, bits=bits, group=group, out_shape=ctx.out_shape(),
-                                  out_dtype=out_dtype)
-
-    return ctx.builder.call_te(compute, *args, primfunc_name_hint="dequantize",
-                               primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}})
+    return call_dequantize(ctx.builder, args, bits=ctx.node.attr("bits"), group=ctx.node.attr("group_size"),
+                           out_shape=ctx.out_shape(), out_dtype=TVM_DTYPES[ctx.node.attr("dtype")])
 
 
 @lowering(ops.DYNAMIC_QUANTIZE)

@@ -77,16 +77,16 @@ def _factored_product(x, words, scales, *zeros, bits: int, group: int, rows: int
     return te.compute(tuple(x.shape[:-1]) + (columns,), out, name="matmul", attrs={ROLE: "output"})
 
 
-def _one_row(ty) -> bool:
-    """A float32 tensor of static shape (1, .., 1, K)."""
+def one_row(ty, dtype: str = "float32") -> bool:
+    """A ``dtype`` tensor of static shape (1, .., 1, K)."""
     shape = getattr(ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or ty.dtype != "float32":
+    if not isinstance(shape, relax.ShapeExpr) or ty.dtype != dtype:
         return False
     dims = [d.value if isinstance(d, tirx.IntImm) else None for d in shape.values[:-1]]
     return all(d == 1 for d in dims)
 
 
-def _producer_spec(factorer, value, attr: str):
+def producer_spec(factorer, value, attr: str):
     """(the call_tir producing ``value``, its PrimFunc's ``attr``) -- or None when another op made it."""
     producer = factorer.lookup_binding(value) if isinstance(value, relax.Var) else None
     if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
@@ -108,15 +108,15 @@ class _Factorer(relax.PyExprMutator):
         return factored if factored is not None else super().visit_call_(call)
 
     def _factored(self, call):
-        if call.op != tvm.ir.Op.get("relax.matmul") or not _one_row(call.args[0].ty):
+        if call.op != tvm.ir.Op.get("relax.matmul") or not one_row(call.args[0].ty):
             return None
-        weight = _producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
+        weight = producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
         if weight is None:
             return None
         fields, spec = weight[0].args[1].fields, weight[1]
         bits, group = int(spec["bits"]), int(spec["group_size"])
         rows, columns = (int(d) for d in call.args[1].ty.shape.values)
-        quantized = _producer_spec(self, call.args[0], _integer_gemv.DYNAMIC_QUANTIZE_ATTR) if self.integer_dot else None
+        quantized = producer_spec(self, call.args[0], _integer_gemv.DYNAMIC_QUANTIZE_ATTR) if self.integer_dot else None
         if quantized is not None and _integer_gemv.supports(bits, group, rows, columns, int(quantized[1]["block"])):
             return self.builder_.call_te(_integer_gemv.integer_product, quantized[0].args[1].fields[0], *fields,
                                          bits=bits, group=group, rows=rows, block=int(quantized[1]["block"]),

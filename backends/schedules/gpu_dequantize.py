@@ -34,8 +34,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
-from slimgraph.backends.relax_ops import dequantize_compute
-from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR
+from slimgraph.backends.relax_ops import call_dequantize, dequantize_compute
+from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, one_row, producer_spec
 
 
 def is_dequantize(func) -> bool:
@@ -73,14 +73,6 @@ def codes_through_bits_pass() -> tvm.transform.Pass:
     return _pass
 
 
-def _one_row_half(ty) -> bool:
-    """A float16 tensor of static shape (1, .., 1, K)."""
-    shape = getattr(ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or ty.dtype != "float16":
-        return False
-    return all(isinstance(d, tirx.IntImm) and d.value == 1 for d in shape.values[:-1])
-
-
 @relax.expr_functor.mutator
 class _WeightsInFloat32(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
@@ -91,30 +83,18 @@ class _WeightsInFloat32(relax.PyExprMutator):
         rewritten = self._rewritten(call)
         return rewritten if rewritten is not None else super().visit_call_(call)
 
-    def _dequantize_producer(self, value):
-        producer = self.lookup_binding(value) if isinstance(value, relax.Var) else None
-        if not isinstance(producer, relax.Call) or producer.op != tvm.ir.Op.get("relax.call_tir"):
-            return None
-        return producer if is_dequantize(self.mod_[producer.args[0]]) else None
-
     def _rewritten(self, call):
         if (call.op != tvm.ir.Op.get("relax.matmul") or str(call.attrs.out_dtype) != "float32"
-                or not _one_row_half(call.args[0].ty) or call.args[1].ty.dtype != "float16"):
+                or not one_row(call.args[0].ty, "float16") or call.args[1].ty.dtype != "float16"):
             return None
-        producer = self._dequantize_producer(call.args[1])
-        if producer is None:
+        found = producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
+        if found is None:
             return None
-        spec = self.mod_[producer.args[0]].attrs[DEQUANTIZE_ATTR]
-        bits, group = int(spec["bits"]), int(spec["group_size"])
-        shape = [int(d) for d in call.args[1].ty.shape.values]
-
-        def compute(words, scales, *zeros):
-            return dequantize_compute(words, scales, zeros, bits=bits, group=group, out_shape=shape,
-                                      out_dtype="float32", codes_through_bits=True)
-
-        weight = self.builder_.emit(self.builder_.call_te(
-            compute, *producer.args[1].fields, primfunc_name_hint="dequantize",
-            primfunc_attrs={DEQUANTIZE_ATTR: {"bits": bits, "group_size": group}}))
+        (producer, spec), shape = found, [int(d) for d in call.args[1].ty.shape.values]
+        # plain float32 dequantize: codes_through_bits_pass, after this one, rewrites its arithmetic too
+        weight = self.builder_.emit(call_dequantize(self.builder_, producer.args[1].fields, bits=int(spec["bits"]),
+                                                    group=int(spec["group_size"]), out_shape=shape,
+                                                    out_dtype="float32"))
         x = self.builder_.emit(relax.op.astype(call.args[0], "float32"))
         return relax.op.matmul(x, weight, out_dtype="float32")
 

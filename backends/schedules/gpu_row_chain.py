@@ -47,10 +47,11 @@ class RowChain:
         row_extents = [_extents(sch, sch.get_loops(info.block_rv)) for info in rows]
         loops = sch.get_loops(last.block_rv)
         extents = _extents(sch, loops)
-        lead = len(row_extents[0] or [])
-        if extents is None or any(e is None or e != row_extents[0] for e in row_extents) or not 0 < lead < len(extents):
+        first = row_extents[0]
+        if extents is None or first is None or any(e != first for e in row_extents):
             return None
-        if extents[:lead] != row_extents[0] or math.prod(extents[lead:]) > MAX_THREADS:
+        lead = len(first)
+        if not 0 < lead < len(extents) or extents[:lead] != first or math.prod(extents[lead:]) > MAX_THREADS:
             return None
         row = sch.fuse(*loops[:lead])
         threads = sch.fuse(*loops[lead:])
