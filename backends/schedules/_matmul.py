@@ -5,6 +5,7 @@ GEMM tiling (``C[b, i, j] = sum_k A[b, i, k] * B[b, k, j]``, then epilogue)::
     Ap = pad(A)                  # rows zero-padded to a multiple of MR (x row parts)
     parallel  b, ip, jo          # batch x row parts x panels of NB output columns
       Bp[K, NB] = pack(B)        # contiguous panel; transposes an x @ W^T weight
+                                 # (weights stored as column panels are read in place)
       for io                     # MR rows of Ap at a time (never a partial tile)
         for jm                   # NB / NR micro tiles
           Cl[MR, NR] = 0         # accumulators: MR x NR/lanes vector registers
@@ -16,7 +17,11 @@ row count T (and a symbolic N, e.g. ``q @ k^T``): only the epilogue checks
 ``i < T``. The copy costs K x T loads, against K x T x N FMAs. Row parts split
 the rows over the cores when the panels alone would not balance (9 panels of
 N=576 on 2 cores); with a symbolic T the panels are narrowed instead.
-A ``B[k, j]`` that is exactly one panel wide is read in place. A computed
+A ``B[k, j]`` that is exactly one panel wide is read in place, and so is a weight
+stored as column panels (``pack_weights``: ``B[k, j] = Wp[j // P, k, j % P]``, NB dividing
+P): each task's columns then lie contiguous in every row of one stored panel, so a packed
+copy would only add a write and a read of the weights per call (for an LM head, a workspace
+as large as the weights) and spread the panel's rows a full B row apart. A computed
 operand (rotary embedding, GQA broadcast of K or V) is computed once into its
 padded copy or packed panel (``_prologue``), never inside the micro kernel; the
 reduction depth may be symbolic (``P @ V`` reduces over T).
@@ -24,7 +29,8 @@ reduction depth may be symbolic (``P @ V`` reduces over T).
 One-row products (M == 1, decoding) have their own schedules in ``_gemv``.
 """
 
-from tvm import tirx
+from tvm import sym, tirx
+from tvm.ir import TensorLoad
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
@@ -144,8 +150,9 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     sch.reorder(*spatial, *outer, jo, *rows, jm, k, *([ii] if rows else []), ji)
     par = sch.fuse(*spatial, *outer, jo)
     sch.reverse_compute_at(epi, jm, preserve_unit_loops=True)
+    in_place = not padded_cols and _inline_panel_view(sch, mm, info, nb)
     copies = list(sch.get_producers(mm))
-    packed = _pack_b(sch, mm, info, par, nb)
+    packed = None if in_place else _pack_b(sch, mm, info, par, nb)
     if packed is not None and not (padded and padded_cols):
         copies = _prologue.fill_pack(sch, packed, copies)
     _schedule_pad_copies(sch, copies, lanes)
@@ -234,6 +241,43 @@ def _schedule_pad_copies(sch: Schedule, pads: list, lanes: int) -> None:
         if divisible(sch.get(loops[-1]).extent, lanes):
             _, inner = sch.split(loops[-1], [None, lanes])
             sch.vectorize(inner)
+
+
+def _inline_panel_view(sch: Schedule, mm: SBlockRV, info: Contraction, nb: int) -> bool:
+    """Inline B's producer into the matmul when it views a buffer stored as column panels,
+    ``B[k, j] = Wp[j // P, k, j % P]`` with NB dividing P, so the micro kernel reads the
+    task's columns of each stored panel row in place (True), else leave it (False)."""
+    if info.b_k_contiguous:
+        return False
+    view = _producer_of(sch, mm, sch.get(mm).reads[info.b_index].source)
+    if view is None or not _is_panel_view(sch.get(view), nb):
+        return False
+    sch.compute_inline(view)
+    return True
+
+
+def _producer_of(sch: Schedule, mm: SBlockRV, buffer: tirx.Buffer) -> SBlockRV | None:
+    """The block before ``mm`` that writes ``buffer`` (None if a parameter or several do)."""
+    writers = [b for b in sch.get_producers(mm) if sch.get(b).writes[0].source.same_as(buffer)]
+    return writers[0] if len(writers) == 1 else None
+
+
+def _is_panel_view(block, nb: int) -> bool:
+    """``block`` is ``B[k, j] = Wp[j // P, k, j % P]`` for a [N / P, K, P] buffer ``Wp`` with
+    NB dividing P."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or len(store.indices) != 2:
+        return False
+    load = store.value
+    if not isinstance(load, TensorLoad) or len(load.source.shape) != 3:
+        return False
+    width = const_extent(load.source.shape[2])
+    if width is None or width % nb:
+        return False
+    k, j = store.indices
+    expected = (tirx.floordiv(j, width), k, tirx.floormod(j, width))
+    analyzer = sym.Analyzer()
+    return all(analyzer.can_prove_equal(got, want) for got, want in zip(load.indices, expected))
 
 
 def _pack_b(sch: Schedule, mm: SBlockRV, info: Contraction, par, nb: int) -> SBlockRV | None:
