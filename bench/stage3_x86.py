@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -107,8 +108,6 @@ def gemm_ceiling(threads: int, size: int = 2048, repeats: int = 5) -> dict:
 
 def fma_peak(threads: int) -> dict:
     """The float32 FMA peak of ``threads`` threads in GFLOP/s (``bench/fma_peak.c``, built here)."""
-    import os
-
     binary = WORK_DIR / "fma_peak"
     binary.parent.mkdir(parents=True, exist_ok=True)
     source = Path(__file__).resolve().parent / "fma_peak.c"

@@ -150,7 +150,7 @@ def schedule_gemm(sch: Schedule, lanes: int, cores: int = 1) -> None:
     sch.reorder(*spatial, *outer, jo, *rows, jm, k, *([ii] if rows else []), ji)
     par = sch.fuse(*spatial, *outer, jo)
     sch.reverse_compute_at(epi, jm, preserve_unit_loops=True)
-    in_place = not padded_cols and _inline_panel_view(sch, mm, info, nb)
+    in_place = _inline_panel_view(sch, mm, info, nb)
     copies = list(sch.get_producers(mm))
     packed = None if in_place else _pack_b(sch, mm, info, par, nb)
     if packed is not None and not (padded and padded_cols):
