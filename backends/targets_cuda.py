@@ -80,15 +80,16 @@ def check_machine_code(library: str) -> None:
 
 WIDE_OUTPUTS_PER_ROW = 2   # N >= 2 K: a wide product (a merged gate/up projection, an LM head)
 SHORT_ROWS = 1024          # K <= 1024: short rows (every product of SmolLM2-135M but its down projection)
+ROW_WARP_ROWS = 256        # K a multiple of this: the words of a row split into whole steps of a warp's lanes
 
 
 def reads_words_transposed(rows: int, outputs: int) -> bool:
-    """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA, K contiguous per output,
-    for DLight's ``GEMV``: for wide products and short rows, where it beat slimgraph's ``ColumnGEMV``
-    over ``[K, N]`` words inside the one-token steps. The [2048 -> 2048] output and [5632 -> 2048] down
-    projections of a 1.1B LLaMA were slower transposed, its [2048 -> 2560] q/k/v one no faster
-    (``bench/results/stage3-cuda-2026-12-07-run6-word-layouts``)."""
-    return outputs >= WIDE_OUTPUTS_PER_ROW * rows or rows <= SHORT_ROWS
+    """Whether a quantized ``[K, N]`` weight is stored transposed for CUDA, K contiguous per output:
+    for slimgraph's ``RowGEMV`` wherever a warp's lanes split the words of a row into whole steps
+    (``K % 256 == 0``: 8-, 16- or 32-bit codes, 32 lanes, at least one word each); else for DLight's
+    ``GEMV`` on wide products and short rows, where it beat ``ColumnGEMV`` over ``[K, N]`` words inside
+    the one-token steps (``bench/results/stage3-cuda-2026-12-07-run6-word-layouts``)."""
+    return rows % ROW_WARP_ROWS == 0 or outputs >= WIDE_OUTPUTS_PER_ROW * rows or rows <= SHORT_ROWS
 
 
 class CudaFamily:
@@ -126,8 +127,9 @@ class CudaFamily:
         from slimgraph.passes.pack_weights import pack_weights_pass
 
         return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed,
-                                  description="quantized words of wide products (N >= 2K) and short rows "
-                                              "(K <= 1024) stored transposed, K contiguous per output")]
+                                  description="quantized words of products with K % 256 == 0, wide products "
+                                              "(N >= 2K) and short rows (K <= 1024) stored transposed, "
+                                              "K contiguous per output")]
 
     def default_schedule(self, func, spec):
         from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel

@@ -8,8 +8,11 @@ schedules of ``backends/schedules/gpu_gemv.py`` and over transposed words, side 
 For each product shape [K -> N] of SmolLM2-135M and of a TinyLlama-1.1B-shaped model (int4, group
 128, float16 activations), the kernel is built over words stored [K / 8, N] with the "column-threads"
 and the "vector-lanes" schedule, and over words stored transposed ([N, K / 8], as ``pack_weights``
-stores them for CUDA) with DLight's ``GEMV`` rule ("transposed-gemv"). "chosen" is the kernel a CUDA
-build uses for that shape (the layout ``reads_words_transposed`` picks, then the rule's schedule).
+stores them for CUDA) with DLight's ``GEMV`` rule ("transposed-gemv") and with slimgraph's ``RowGEMV``
+under several plans ("row-warps" is its default plan; "row-vV-wW" fixes V words per lane load and W warps
+per block, "-global" reads the activation from global memory instead of a shared copy). "chosen" is the
+kernel a CUDA build uses for that shape (the layout ``reads_words_transposed`` picks, then the first rule
+that applies).
 On the GPU each one runs on random words, scales and zero points whose copies together exceed the
 L2 cache (160 MB, rotated call by call, so every call reads its weights from device memory); its
 GPU time per call comes from CUPTI (torch.profiler), its result is checked against a numpy
@@ -42,43 +45,42 @@ L2_ROTATION_BYTES = 160e6
 def _product(rows: int, outputs: int, transposed: bool = False):
     """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it;
     ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``' chain."""
-    import tvm
-    from tvm import tirx
-
-    from slimgraph.backends.relax_lowering import lower_to_relax
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.targets import resolve_target
-    from slimgraph.compiler import ops
-    from slimgraph.compiler.ir import FunctionBuilder, Module
-    from slimgraph.compiler.types import DType, TensorType
-    from slimgraph.passes.fusion import fuse
+    from slimgraph.models.kernels import int4_product
 
-    groups = -(-rows // GROUP)
-    b = FunctionBuilder("main", {})
-    x = b.param("x", TensorType(DType.f16, (1, 1, rows)))
-    if transposed:
-        stored = b.param("w", TensorType(DType.u32, (outputs, rows // 8, 1)))
-        turned = b.add(ops.TRANSPOSE, [stored], {"perm": (1, 0, 2)})
-        words = b.add(ops.RESHAPE, [turned], {"shape": (rows // 8, outputs)})
-    else:
-        words = b.param("w", TensorType(DType.u32, (rows // 8, outputs)))
-    scales = b.param("s", TensorType(DType.f16, (groups, outputs)))
-    zeros = b.param("z", TensorType(DType.f16, (groups, outputs)))
-    weight = b.add(ops.DEQUANTIZE, [words, scales, zeros], {"bits": 4, "group_size": GROUP, "rows": rows, "dtype": DType.f16})
-    b.output(b.add(ops.CAST, [b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32})], {"dtype": DType.f16}))
     target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
-    with target, tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(
-            lower_to_relax(fuse(Module({"main": b.build()}, {})).module).ir_module)
-    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    (func,) = gpu.lowered_kernels(int4_product(rows, outputs, group=GROUP, transposed=transposed), target)
     return func, target
 
 
 TRANSPOSED = "transposed-gemv"
+ROW_WARPS = "row-warps"
+ROW_PLANS = {f"row-v{v}-w{w}{'' if shared else '-global'}": (v, w, shared)
+             for v, w, shared in [(4, 4, True), (4, 8, True), (4, 2, True), (2, 4, True), (4, 4, False), (2, 8, True)]}
+
+
+def reads_transposed(name: str) -> bool:
+    """Whether a kernel of this bench reads the words stored transposed, [N, K / 8, 1]."""
+    return name == TRANSPOSED or name.startswith("row-")
+
+
+def _row_kernels(func, target) -> dict:
+    """The transposed-word kernel under RowGEMV's default plan and each plan of ROW_PLANS that applies."""
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV, RowPlan
+
+    kernels = {}
+    for name, plan in [(ROW_WARPS, None)] + [(n, RowPlan(v, w, shared)) for n, (v, w, shared) in ROW_PLANS.items()]:
+        scheduled, rule = gpu.schedule_prim_func(func, target, [RowGEMV(plan)])
+        if rule is not None:
+            kernels[name] = scheduled
+    return kernels
 
 
 def prepare(_args) -> None:
     import tvm
+    from tvm.s_tir import dlight as dl
 
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.schedules.gpu_gemv import SCHEDULES, ColumnGEMV
@@ -98,11 +100,14 @@ def prepare(_args) -> None:
                     chosen = next(n for n, k in kernels.items() if k.script() == scheduled.script())
                     continue
                 kernels[name] = scheduled
-            scheduled, rule = gpu.schedule_prim_func(_product(rows, outputs, transposed=True)[0], target,
-                                                     gpu.default_rules())
+            transposed = _product(rows, outputs, transposed=True)[0]
+            scheduled, rule = gpu.schedule_prim_func(transposed, target, [dl.gpu.GEMV()])
             assert rule == "GEMV", f"[{rows} -> {outputs}] transposed words scheduled by {rule}"
             kernels[TRANSPOSED] = scheduled
-            chosen = TRANSPOSED if reads_words_transposed(rows, outputs) else chosen
+            kernels.update(_row_kernels(transposed, target))
+            if reads_words_transposed(rows, outputs):
+                default, rule = gpu.schedule_prim_func(transposed, target, gpu.default_rules())
+                chosen = next(n for n, k in kernels.items() if reads_transposed(n) and k.script() == default.script())
             symbols = {name: name.replace("-", "_") for name in kernels}
             library = tvm.tirx.build(tvm.IRModule({symbols[n]: k.with_attr("global_symbol", symbols[n])
                                                    for n, k in kernels.items()}), target=target)
@@ -159,8 +164,8 @@ def measure(args) -> None:
         library = tvm.runtime.load_module(str(folder / info["library"]))
         rows_out, uploaded = {}, None
         # kernels of one layout in a row, so each layout's copies go to the GPU once
-        for name, symbol in sorted(info["kernels"].items(), key=lambda kv: kv[0] == TRANSPOSED):
-            layout = TRANSPOSED if name == TRANSPOSED else "rows"
+        for name, symbol in sorted(info["kernels"].items(), key=lambda kv: reads_transposed(kv[0])):
+            layout = TRANSPOSED if reads_transposed(name) else "rows"
             if layout != uploaded:
                 sets = [[tvm.runtime.tensor(a, dev) for a in (layouts[layout], scales, zeros)] for _ in range(copies)]
                 uploaded = layout
@@ -186,7 +191,7 @@ def report(args) -> None:
     result = json.loads(Path(args.result).read_text())
     copy = result["copy"]["tb_per_s"]
     print(f"{result['device']}: copy bandwidth {copy:.2f} TB/s (read + write); GPU us per call, weights from DRAM")
-    names = ("column-threads", "vector-lanes", TRANSPOSED)
+    names = ("column-threads", "vector-lanes", TRANSPOSED, ROW_WARPS, *ROW_PLANS)
     print(f"  {'product':16s} {'MB':>6s} " + " ".join(f"{n:>16s}" for n in names) + "  chosen")
     for key, row in result["shapes"].items():
         cells = []

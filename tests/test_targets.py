@@ -262,27 +262,13 @@ def test_one_token_int4_kernel_with_vector_lanes_reads_vectors_and_stages_the_ac
     (8 bytes), the activation row is staged in shared memory with 16-byte loads, and the lanes'
     sums meet in shared memory after one barrier."""
     import tvm
-    from tvm import tirx
 
-    from slimgraph.backends.relax_lowering import lower_to_relax
     from slimgraph.backends.schedules import gpu
-    from slimgraph.compiler import ops
-    from slimgraph.compiler.ir import FunctionBuilder, Module
-    from slimgraph.compiler.types import DType, TensorType
-    from slimgraph.passes.fusion import fuse
+    from slimgraph.models.kernels import int4_product
 
-    b = FunctionBuilder("main", {})
-    x = b.param("x", TensorType(DType.f16, (1, 1, 512)))
-    words = b.param("w", TensorType(DType.u32, (64, 1024)))
-    scales = b.param("s", TensorType(DType.f16, (4, 1024)))
-    zeros = b.param("z", TensorType(DType.f16, (4, 1024)))
-    weight = b.add(ops.DEQUANTIZE, [words, scales, zeros], {"bits": 4, "group_size": 128, "rows": 512, "dtype": DType.f16})
-    b.output(b.add(ops.CAST, [b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32})], {"dtype": DType.f16}))
     target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
-    with target, tvm.transform.PassContext(opt_level=3):
-        module = fuse(Module({"main": b.build()}, {})).module
-        lowered = tvm.transform.Sequential(gpu.lowering_passes(target))(lower_to_relax(module).ir_module)
-        (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    (func,) = gpu.lowered_kernels(int4_product(512, 1024), target)
+    with target:
         scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
         built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
     source = (built.imports[0] if built.imports else built).inspect_source()
@@ -294,9 +280,10 @@ def test_one_token_int4_kernel_with_vector_lanes_reads_vectors_and_stages_the_ac
 
 @needs_nvcc
 def test_int4_words_are_stored_transposed_where_the_products_are_wide():
-    """CUDA stores a quantized product's words transposed ([N, K / 8], K contiguous per output) for wide
-    products (N >= 2K) and short rows (K <= 1024), and DLight's GEMV reads them there; other products
-    (a 1.1B LLaMA's q/k/v, output and down projections) keep [K / 8, N] words and the column schedule."""
+    """CUDA stores a quantized product's words transposed ([N, K / 8], K contiguous per output) where a
+    warp's lanes split a row into whole steps (K % 256 == 0: every product of a 1.1B LLaMA), for wide
+    products (N >= 2K) and for short rows (K <= 1024); other products keep [K / 8, N] words and the
+    column schedule. The tiny model's rows (K = 64) are short: DLight's GEMV reads them."""
     from tvm import tirx
 
     from slimgraph.backends.schedules import gpu
@@ -306,7 +293,8 @@ def test_int4_words_are_stored_transposed_where_the_products_are_wide():
 
     assert reads_words_transposed(2048, 11264) and reads_words_transposed(2048, 32000)
     assert reads_words_transposed(576, 576) and reads_words_transposed(576, 960)
-    assert not any(reads_words_transposed(k, n) for k, n in [(2048, 2560), (2048, 2048), (5632, 2048), (1536, 576)])
+    assert all(reads_words_transposed(k, n) for k, n in [(2048, 2560), (2048, 2048), (5632, 2048), (1536, 576)])
+    assert not any(reads_words_transposed(k, n) for k, n in [(1152, 1152), (1600, 3000)])
     options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)},
                              recipe=recipe_from_flags(quantize="int4", group_size=32))
     module, path = load_model("tiny-llama")

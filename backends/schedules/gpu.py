@@ -4,6 +4,8 @@ Fusion is slimgraph's, as on CPUs: each fused function (marked ``Primitive``) be
 through ``FuseTIR``; TVM's ``FuseOps`` and ``FoldConstant`` are not run. Every kernel then gets a
 GPU schedule from TVM's DLight rules, tried in this order:
 
+* ``RowGEMV`` (slimgraph's, :mod:`.gpu_row_gemv`): one-token products over quantized words
+  stored K-contiguous per output, one warp per output with 16-byte loads;
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
@@ -39,6 +41,7 @@ from tvm.target import Target
 from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass, weights_in_float32_pass
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 from slimgraph.backends.schedules.gpu_row_chain import RowChain
+from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV
 
 
 class StaticShapesOnly:
@@ -58,6 +61,7 @@ class StaticShapesOnly:
 
 def default_rules() -> list:
     return [
+        RowGEMV(),
         dl.gpu.GEMV(),
         StaticShapesOnly(dl.gpu.LowBatchGEMV()),
         ColumnGEMV(),
@@ -154,6 +158,16 @@ def lowering_passes(target: Target) -> list:
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FuseTIR(),
     ]
+
+
+def lowered_kernels(module, target: Target) -> list[tirx.PrimFunc]:
+    """The unscheduled TIR kernels of a slimgraph module (fused, lowered as a CUDA build lowers it)."""
+    from slimgraph.backends.relax_lowering import lower_to_relax
+    from slimgraph.passes.fusion import fuse
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        lowered = tvm.transform.Sequential(lowering_passes(target))(lower_to_relax(fuse(module).module).ir_module)
+    return [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
 
 
 def build_pipeline(target: Target, *, schedule: bool = True, cuda_graph: bool = True,

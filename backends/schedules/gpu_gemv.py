@@ -9,9 +9,9 @@ words ``Wq[K / per_word, N]``. A decoding step (one token) makes that a matrix-v
 whose reduction runs over the *outer* (row) axis of ``W``. DLight's ``GEMV`` rule schedules that
 form only for OpenCL and Metal, and its generic ``Reduction`` rule reads a column of ``W`` with a
 stride of ``N`` elements: uncoalesced and far from the memory bandwidth that bounds this kernel.
-(For CUDA, ``pack_weights`` stores the packed words of wide products and of short rows transposed,
-K contiguous per output, and DLight's ``GEMV`` reads those (``reads_words_transposed``); the rule
-below takes float weights and the other words.)
+(For CUDA, ``pack_weights`` stores most packed words transposed, K contiguous per output
+(``reads_words_transposed``), and ``RowGEMV`` or DLight's ``GEMV`` reads those; the rule below takes
+float weights and the other words.)
 ``ColumnGEMV`` picks one of two schedules (both read every weight byte once, the dequantize
 prologue inlined so packed words are unpacked in registers, the epilogue computed by the threads
 that hold the sums):
@@ -139,6 +139,18 @@ def plan_vector_lanes(shape: GemvShape) -> GemvPlan | None:
     return GemvPlan(vector, lanes, groups)
 
 
+def product_blocks(func: tirx.PrimFunc, target: Target):
+    """(schedule, [product block, epilogue block if any]) of a CUDA kernel whose spatial prologue
+    inlines into one reduction followed by at most one injective block; None for other kernels."""
+    if target.kind.name != "cuda":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+    if infos is None or len(infos) not in (1, 2) or (len(infos) == 2 and not infos[1].is_injective()):
+        return None
+    return sch, infos
+
+
 SCHEDULES = ("vector-lanes", "column-threads")
 
 
@@ -155,12 +167,10 @@ class ColumnGEMV:
         return uses_vector_lanes(shape) if self.schedule is None else self.schedule == "vector-lanes"
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if target.kind.name != "cuda":
+        blocks = product_blocks(func, target)
+        if blocks is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
-        if infos is None or len(infos) not in (1, 2) or (len(infos) == 2 and not infos[1].is_injective()):
-            return None
+        sch, infos = blocks
         shape = self.gemv_shape(sch, infos[0])
         if shape is None:
             return None

@@ -1,0 +1,189 @@
+"""GPU schedule for one-token products over quantized words stored K-contiguous per output.
+
+For CUDA, ``pack_weights`` stores the packed words of a quantized ``[K, N]`` weight transposed,
+``Wq[N, K / per_word]`` (``reads_words_transposed``), so output ``n`` reads one contiguous row:
+
+    y[n] = sum_k x[k] * (code(Wq[n, k / per_word], k % per_word) - z[g, n]) * s[g, n],   g = k / group
+
+**Row warps** (``RowGEMV``). A warp owns one output; its 32 lanes split ``K``: lane ``l`` reads
+``V`` adjacent words of the row as one vector load (``V = 2``: 8 bytes, 16 int4 codes) at word
+``(j * 32 + l) * V`` of step ``j``, so a warp reads ``32 V`` consecutive words per step (whole
+128-byte lines). The steps are unrolled into straight-line code, so a lane's loads can issue before
+its first multiply. Each lane keeps its partial sum in a register; the 32 partial sums of an output
+are added with warp shuffles (TVM's cross-thread all-reduce), and every lane computes the epilogue
+of the sum it holds (equal values, equal addresses). ``W`` warps share a thread block
+(``threadIdx.y``) and its copy of the activation row in shared memory (16-byte loads, once per
+block). The scales and zero points of a lane's codes belong to one group (``32 V`` codes divide
+the group size), so they are loaded once per step. Every weight byte is read once, by one thread,
+and unpacked in registers. (Several outputs per warp would put a serial loop around the
+all-reduce, which TVM's lowering of cross-thread reductions does not support: it leaves the
+reduction buffer undefined.)
+
+Measured on an H100 (``bench/stage3_cuda_gemv.py``, weights from device memory): 8-byte loads beat
+16-byte ones on every product of a 1.1B LLaMA ([2048 -> 11264] 10.4 against 16.3 us, the LM head
+25.8 against 41.4 us, [2048 -> 2560] 3.5 against 5.0 us), and with 8-byte loads 4 warps per block matched or
+beat 8 on all but the [5632 -> 2048] down projection (6.0 against 5.8 us); reading the activation from
+global memory instead of the shared copy was 2.5-5x slower.
+
+``RowGEMV(plan)`` fixes the plan (benchmarks compare them); without one, ``plan_rows`` takes the
+widest load that divides the row into whole lane steps and ``WARPS`` warps per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
+from tvm.target import Target
+
+from slimgraph.backends.schedules.gpu_gemv import product_blocks
+
+LANES = 32           # a warp: the lanes splitting K
+VECTORS = (2, 1)     # words per lane and step (8-, 4-byte loads), widest first; 16-byte loads measured slower
+WARPS = 4            # warps (outputs) per thread block
+VECTOR_BYTES = 16    # activation copy to shared memory: one 16-byte load per thread and step
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    vector: int                  # V: words one lane loads per step
+    warps: int = WARPS           # W: warps per thread block, one output each
+    shared_activation: bool = True
+
+
+@dataclass(frozen=True)
+class RowShape:
+    outputs: int                 # N
+    words: int                   # K / per_word: words of one row
+    per_word: int                # codes in one 32-bit word
+
+
+def plan_rows(shape: RowShape) -> RowPlan | None:
+    """The default plan for a shape, None where no vector width gives whole lane steps."""
+    vector = next((v for v in VECTORS if shape.words % (LANES * v) == 0), None)
+    if vector is None:
+        return None
+    warps = WARPS
+    while shape.outputs % warps:
+        warps //= 2
+    return RowPlan(vector, warps)
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+def _word_read(block: s_tir.SBlock, n_var: tirx.Var, k_var: tirx.Var) -> tuple[int, int] | None:
+    """(index in ``block.reads``, codes per word) of a ``uint32`` read ``Wq[..., n, k // per_word, ...]``
+    whose last non-unit index is the word of ``k``; None if the block reads no such words."""
+    for i, read in enumerate(block.reads):
+        if read.source.dtype != "uint32":
+            continue
+        indices = [axis.min for axis in read.region if not (_static(axis.extent) == 1 and _static(axis.min) == 0)]
+        if len(indices) < 2 or not indices[-2].same_as(n_var):
+            continue
+        last = indices[-1]
+        if isinstance(last, tirx.FloorDiv) and last.a.same_as(k_var) and isinstance(last.b, tirx.IntImm):
+            return i, int(last.b)
+    return None
+
+
+class RowGEMV:
+    """One-token products over ``Wq[N, K / per_word]`` words (static shapes), see the module doc."""
+
+    def __init__(self, plan: RowPlan | None = None):
+        self.plan = plan
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        blocks = product_blocks(func, target)
+        if blocks is None:
+            return None
+        sch, infos = blocks
+        found = self.row_shape(sch, infos[0])
+        if found is None:
+            return None
+        shape, words_read = found
+        plan = self.plan or plan_rows(shape)
+        if plan is None or shape.words % (LANES * plan.vector) or shape.outputs % plan.warps:
+            return None
+        _schedule_rows(sch, infos[0], infos[1].block_rv if len(infos) == 2 else None, plan, words_read)
+        return sch
+
+    @staticmethod
+    def row_shape(sch: s_tir.Schedule, main) -> tuple[RowShape, int] | None:
+        """The product's dims and the index of its word read, if ``main`` is a one-token reduction
+        over words stored K-contiguous per output; else None."""
+        if not main.is_reduction():
+            return None
+        spatial = [it for it in main.iters if it.kind == "S"]
+        reduction = [it for it in main.iters if it.kind == "R"]
+        extents = [_static(it.dom) for it in spatial + reduction]
+        if len(reduction) != 1 or not spatial or None in extents or any(e != 1 for e in extents[:len(spatial) - 1]):
+            return None
+        block = sch.get(main.block_rv)
+        found = _word_read(block, spatial[-1].var, reduction[0].var)
+        if found is None:
+            return None
+        index, per_word = found
+        if extents[-1] % per_word:
+            return None
+        return RowShape(extents[len(spatial) - 1], extents[-1] // per_word, per_word), index
+
+
+def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, words_read: int) -> None:
+    block = main.block_rv
+    n_var = [it.var for it in main.iters if it.kind == "S"][-1]
+    words_buffer = sch.get(block).reads[words_read].source
+    per_row = [read.source for read in sch.get(block).reads
+               if any(n_var in collect_vars_used_in_prim_expr(axis.min) for axis in read.region)]
+    (k_loop,) = [it.loop_rv for it in main.iters if it.kind == "R"]
+    per_word = RowGEMV.row_shape(sch, main)[0].per_word
+    bx, warp = sch.split(sch.fuse(*[it.loop_rv for it in main.iters if it.kind == "S"]), [None, plan.warps])
+    step, lane, codes = sch.split(k_loop, [None, LANES, plan.vector * per_word])
+    sch.reorder(bx, warp, lane, step, codes)
+    partial = sch.rfactor(lane, factor_axis=0)
+    bx, warp, lane, step, _ = sch.get_loops(partial)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(warp, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    reads = [read.source for read in sch.get(partial).reads]
+    for index, source in enumerate(reads):
+        if any(source.same_as(b) for b in per_row):   # words, scales, zero points: registers per step
+            cache = sch.cache_read(partial, index, "local")
+            sch.compute_at(cache, step, preserve_unit_loops=True)
+            if source.same_as(words_buffer):   # the step's V words (and trailing unit axes): one load
+                loops = sch.get_loops(cache)[-len(source.shape) + 1:]
+                sch.vectorize(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    written = [write.source for write in sch.get(partial).writes]
+    activations = [i for i, src in enumerate(reads)
+                   if not any(src.same_as(b) for b in per_row) and not any(src.same_as(w) for w in written)]
+    if plan.shared_activation:
+        for index in activations:
+            _stage_in_shared(sch, partial, index, bx, plan)
+    sch.set_scope(partial, 0, "local")
+    sch.decompose_reduction(partial, step)
+    sch.annotate(lane, ann_key="pragma_auto_unroll_max_step", ann_val=1024)
+    sch.annotate(lane, ann_key="pragma_unroll_explicit", ann_val=1)
+    # the sum over the lanes: one warp all-reduce per output, after the lanes' partial sums
+    sch.reverse_compute_at(block, bx, preserve_unit_loops=True)
+    lanes, warps = sch.get_loops(block)[-2:]
+    sch.reorder(warps, lanes)
+    sch.bind(warps, "threadIdx.y")
+    sch.bind(lanes, "threadIdx.x")
+    if epilogue is not None:
+        sch.set_scope(block, 0, "local")
+        sch.reverse_compute_at(epilogue, bx, preserve_unit_loops=True)
+        sch.bind(sch.get_loops(epilogue)[-1], "threadIdx.y")
+
+
+def _stage_in_shared(sch: s_tir.Schedule, partial, index: int, bx, plan: RowPlan) -> None:
+    """Copy an activation read (all of its K values) to shared memory once per block."""
+    cache = sch.cache_read(partial, index, "shared")
+    sch.compute_at(cache, bx, preserve_unit_loops=True)
+    lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
+    _, warp, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, plan.warps, LANES, lanes])
+    sch.bind(warp, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    sch.vectorize(vec)

@@ -1,0 +1,37 @@
+"""Single-product IR modules: the one-token int4 product of a decoding step, for schedule tests and
+the kernel benchmark (``bench/stage3_cuda_gemv.py``).
+
+``int4_product(K, N)`` is ``cast(x @ dequantize(words, scales, zeros))`` with float16 activations
+``x [1, 1, K]``, packed words, and float16 scales and zero points per group of ``group`` rows; with
+``transposed`` the words are stored ``[N, K / 8, 1]`` and read back through a transpose and a reshape,
+as ``pack_weights`` leaves them for CUDA; ``residual`` adds a float16 ``[1, 1, N]`` input (the fused
+residual add of an output or down projection).
+"""
+
+from __future__ import annotations
+
+from slimgraph.compiler import ops
+from slimgraph.compiler.ir import FunctionBuilder, Module
+from slimgraph.compiler.types import DType, TensorType
+
+
+def int4_product(rows: int, outputs: int, *, group: int = 128, transposed: bool = False,
+                 residual: bool = False) -> Module:
+    b = FunctionBuilder("main", {})
+    x = b.param("x", TensorType(DType.f16, (1, 1, rows)))
+    if transposed:
+        stored = b.param("w", TensorType(DType.u32, (outputs, rows // 8, 1)))
+        turned = b.add(ops.TRANSPOSE, [stored], {"perm": (1, 0, 2)})
+        words = b.add(ops.RESHAPE, [turned], {"shape": (rows // 8, outputs)})
+    else:
+        words = b.param("w", TensorType(DType.u32, (rows // 8, outputs)))
+    groups = -(-rows // group)
+    scales = b.param("s", TensorType(DType.f16, (groups, outputs)))
+    zeros = b.param("z", TensorType(DType.f16, (groups, outputs)))
+    weight = b.add(ops.DEQUANTIZE, [words, scales, zeros],
+                   {"bits": 4, "group_size": group, "rows": rows, "dtype": DType.f16})
+    y = b.add(ops.CAST, [b.add(ops.MATMUL, [x, weight], {"out_dtype": DType.f32})], {"dtype": DType.f16})
+    if residual:
+        y = b.add(ops.ADD, [y, b.param("r", TensorType(DType.f16, (1, 1, outputs)))])
+    b.output(y)
+    return Module({"main": b.build()}, {})

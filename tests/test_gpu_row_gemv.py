@@ -1,0 +1,88 @@
+"""RowGEMV: CUDA one-token products over quantized words stored K-contiguous per output."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV, RowPlan, RowShape, plan_rows
+from slimgraph.backends.targets import resolve_target
+from slimgraph.backends.targets_cuda import find_nvcc
+from slimgraph.compiler.errors import TargetError
+
+
+def _have_nvcc() -> bool:
+    try:
+        find_nvcc()
+    except TargetError:
+        return False
+    return True
+
+
+needs_nvcc = pytest.mark.skipif(not _have_nvcc(), reason="no nvcc on this machine")
+
+
+@pytest.mark.parametrize("outputs,words,plan", [
+    (2560, 256, RowPlan(2, 4)),      # a 1.1B LLaMA's q/k/v: 8-byte loads, four steps of the lanes
+    (2048, 704, RowPlan(2, 4)),      # its down projection (K = 5632): eleven steps
+    (32000, 256, RowPlan(2, 4)),     # its LM head
+    (576, 192, RowPlan(2, 4)),       # SmolLM2's down projection (K = 1536)
+    (102, 96, RowPlan(1, 2)),        # 96 words: 4-byte loads; 102 outputs make blocks of two warps
+])
+def test_row_plan_takes_the_widest_load_that_makes_whole_lane_steps(outputs, words, plan):
+    got = plan_rows(RowShape(outputs, words, per_word=8))
+    assert got == plan
+    assert words % (32 * got.vector) == 0 and outputs % got.warps == 0
+
+
+def test_rows_that_no_lane_step_divides_have_no_plan():
+    assert plan_rows(RowShape(576, 72, per_word=8)) is None   # K = 576: 72 words, not a multiple of 32
+
+
+def _product(rows: int, outputs: int, transposed: bool, residual: bool = False):
+    """The fused one-token int4 product (+ a residual) as the CUDA build lowers it, and the target."""
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.models.kernels import int4_product
+
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    (func,) = gpu.lowered_kernels(int4_product(rows, outputs, transposed=transposed, residual=residual), target)
+    return func, target
+
+
+@needs_nvcc
+@pytest.mark.parametrize("rows,outputs", [(2048, 512), (1536, 256)])
+def test_row_gemv_loads_vectors_of_words_and_sums_lanes_with_shuffles(rows, outputs):
+    """Each lane loads two words of its row at once (8 bytes) per step, the
+    activation row is staged in shared memory, the 32 lanes' sums meet through warp shuffles, and the
+    residual add of the epilogue is computed in the same kernel."""
+    import tvm
+
+    from slimgraph.backends.schedules import gpu
+
+    func, target = _product(rows, outputs, transposed=True, residual=True)
+    with target:
+        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
+        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
+    source = (built.imports[0] if built.imports else built).inspect_source()
+    assert rule == "RowGEMV"
+    assert "*(uint2*)(p0_local" in source and "__shared__" in source
+    assert "__shfl_down_sync" in source
+    assert 'thread="threadIdx.y"' in scheduled.script() and not gpu.unbound_blocks(_schedule(scheduled))
+
+
+def _schedule(func):
+    from tvm import s_tir
+
+    return s_tir.Schedule(func)
+
+
+@needs_nvcc
+def test_row_gemv_leaves_words_stored_by_rows_and_short_rows_to_other_rules():
+    from slimgraph.backends.schedules import gpu
+
+    by_rows, target = _product(2048, 512, transposed=False)
+    short, _ = _product(640, 512, transposed=True)   # 80 words a row: no whole step of 32 lanes
+    with target:
+        assert RowGEMV().apply(by_rows, target, False) is None
+        assert RowGEMV().apply(short, target, False) is None
+        assert gpu.schedule_prim_func(by_rows, target, gpu.default_rules())[1] == "ColumnGEMV"
+        assert gpu.schedule_prim_func(short, target, gpu.default_rules())[1] == "GEMV"
