@@ -126,10 +126,10 @@ class CudaFamily:
         from slimgraph.compiler.types import DType
         from slimgraph.passes.pack_weights import pack_weights_pass
 
-        return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed,
-                                  description="quantized words of products with K % 256 == 0, wide products "
-                                              "(N >= 2K) and short rows (K <= 1024) stored transposed, "
-                                              "K contiguous per output")]
+        return [pack_weights_pass(1, (DType.u32,), select=reads_words_transposed, group_params=True,
+                                  description="quantized words (and their scales and zero points) of products "
+                                              "with K % 256 == 0, wide products (N >= 2K) and short rows "
+                                              "(K <= 1024) stored transposed, K contiguous per output")]
 
     def default_schedule(self, func, spec):
         from slimgraph.backends.schedules.gpu import default_rules, schedule_kernel

@@ -103,7 +103,9 @@ class Partitioner:
         self.group_of[node.name] = group
 
     def computed_inputs(self, node: Node) -> int:
-        return sum(1 for ref in node.inputs if ref in self.types and not is_static_source(self.nodes.get(ref)))
+        """Inputs computed from activations: not static sources, not weights or views of weights."""
+        return sum(1 for ref in node.inputs
+                   if ref in self.types and not is_static_source(self.nodes.get(ref)) and not self.from_weights(ref))
 
     def from_weights(self, ref: str) -> bool:
         """``ref`` is a weight, or a layout view / dequantize of weights (column panels, packed codes)."""

@@ -23,20 +23,25 @@ The packed uint32 words of a quantized weight (``[K / codes per word, N]``, read
 inside the product's kernel) are column panels the same way: the one-row products over them
 (``_quantized_gemv``, ``_integer_gemv``) walk one tile of columns down all word rows, as the float
 ones do (a [576, 49152] int4 one-row product with 8-bit activations took 2.95 ms row-major and
-1.50 ms from panels on the 2-core machine). Their scales and zero points (a few group rows) stay.
+1.50 ms from panels on the 2-core machine). Their scales and zero points (a few group rows) stay,
+except with ``group_params`` (GPUs), where the scales and zero points of packed words are panels too.
 
 On GPUs the words are stored with P = 1: ``Wp[n, k, 0] = W[k, n]``, the transposed matrix, each
 output's words contiguous along K. That is the layout TVM's DLight ``GEMV`` rule schedules (warps
 reduce along the contiguous axis with wide loads and shuffles); over ``[K, N]`` words the one-token
 products take slimgraph's ``ColumnGEMV`` instead (``backends/schedules/gpu_gemv.py``). The target
 chooses by shape (``select``, ``backends/targets_cuda.py``): the transposed read won on wide
-products and short rows and lost on the output and down projections of a 1.1B LLaMA; the kernels of
-both layouts are timed side by side by ``bench/stage3_cuda_gemv.py``.
+products and short rows, and with slimgraph's ``RowGEMV`` wherever K is a multiple of 256; the
+kernels of both layouts are timed side by side by ``bench/stage3_cuda_gemv.py``. There the scales and
+zero points ``[K / group, N]`` are transposed with their words (``group_params``), so the lanes of a
+warp reading one output's row read its scales from one contiguous run instead of one 32-byte sector
+per group (a 1.1B LLaMA's int4 one-token step: 0.795 -> 0.747 ms on an H100).
 
 A weight is packed when it is a 2-D float32 weight or uint32 words (of the target's ``dtypes``), N
 is a multiple of P larger than P, ``select`` (if any) accepts its [K, N], and every reader is a
 ``matmul`` taking it as its right operand, a ``take`` of its columns (a token embedding tied to the
-LM head) or a ``dequantize`` taking it as its words. Any other reader would need the [K, N] layout
+LM head) or a ``dequantize`` taking it as its words (or, with ``group_params``, as its scales or zero
+points, when its words are packed). Any other reader would need the [K, N] layout
 materialized, so such weights stay as they are.
 """
 
@@ -59,37 +64,54 @@ MatrixFilter = Callable[[int, int], bool]  # (K, N) of a weight's matrix -> pack
 
 
 def _reads_as_panel_source(node: Node, ref: str) -> bool:
-    """Whether ``node`` can read weight ``ref`` through the reconstruction chain inside its kernel."""
+    """Whether ``node`` can read weight ``ref`` through the reconstruction chain inside its kernel
+    (a ``dequantize`` reads its words, scales and zero points so)."""
     if node.op is ops.MATMUL:
         return node.inputs[1] == ref and ref not in node.inputs[:1]
     if node.op is ops.DEQUANTIZE:
-        return node.inputs[0] == ref and ref not in node.inputs[1:]
+        return node.inputs.count(ref) == 1
     return node.op is ops.TAKE and node.inputs[0] == ref and node.attrs["axis"] in (1, -1)
 
 
-def packable_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
-                     select: MatrixFilter | None = None) -> list[str]:
-    """Names of the weights of ``dtypes`` the pass packs into panels of ``columns`` (see the module
-    docstring); with ``select``, only those whose matrix ``[K, N]`` it accepts (K: the rows a
-    ``dequantize`` reader unpacks the words to, else the weight's own rows)."""
+def _readers(module: Module) -> tuple[dict[str, bool], dict[str, int], dict[str, set]]:
+    """Per weight: whether every reader reads it as a panel source; the rows K a ``dequantize``
+    unpacks it to (words, scales, zero points); the words whose ``dequantize`` reads it as scales
+    or zero points."""
     readable: dict[str, bool] = {}
     matrix_rows: dict[str, int] = {}
+    words_of: dict[str, set] = {}
     for fn in module.entries:
         for node in fn.nodes:
             for ref in set(node.inputs):
                 if ref.startswith("@"):
                     readable[ref[1:]] = readable.get(ref[1:], True) and _reads_as_panel_source(node, ref)
-                    if node.op is ops.DEQUANTIZE and node.inputs[0] == ref:
+                    if node.op is ops.DEQUANTIZE:
                         matrix_rows[ref[1:]] = node.attrs["rows"]
-    chosen = []
-    for name, ok in sorted(readable.items()):
+                        if node.inputs[0] != ref:
+                            words_of.setdefault(ref[1:], set()).add(node.inputs[0][1:])
+    return readable, matrix_rows, words_of
+
+
+def packable_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
+                     select: MatrixFilter | None = None, group_params: bool = False) -> list[str]:
+    """Names of the weights of ``dtypes`` the pass packs into panels of ``columns`` (see the module
+    docstring); with ``select``, only those whose matrix ``[K, N]`` it accepts (K: the rows a
+    ``dequantize`` reader unpacks the words to, else the weight's own rows); with ``group_params``,
+    also the scales and zero points whose words are all packed."""
+    readable, matrix_rows, words_of = _readers(module)
+
+    def fits(name: str, kinds: tuple) -> bool:
         weight = module.weights.get(name)
-        if not ok or weight is None or not weight.has_data or weight.type.dtype not in dtypes:
-            continue
+        if not readable[name] or weight is None or not weight.has_data or weight.type.dtype not in kinds:
+            return False
         rows, width = weight.type.shape if weight.type.rank == 2 else (0, 0)
         wanted = select is None or select(matrix_rows.get(name, rows), width)
-        if width % columns == 0 and width > columns and wanted:
-            chosen.append(name)
+        return width % columns == 0 and width > columns and wanted
+
+    chosen = [name for name in sorted(readable) if name not in words_of and fits(name, dtypes)]
+    if group_params:
+        chosen += [name for name in sorted(words_of)
+                   if words_of[name] <= set(chosen) and fits(name, (DType.f32, DType.f16))]
     return chosen
 
 
@@ -121,10 +143,11 @@ def _rewrite(module: Module, fn: Function, weights: dict[str, Weight], packed: d
 
 
 def pack_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
-                 select: MatrixFilter | None = None) -> PassResult:
-    """Store the packable weights (of ``dtypes``, accepted by ``select``) as column panels of
-    ``columns`` and read them back per reader."""
-    names = packable_weights(module, columns, dtypes, select)
+                 select: MatrixFilter | None = None, group_params: bool = False) -> PassResult:
+    """Store the packable weights (of ``dtypes``, accepted by ``select``; with ``group_params`` the
+    scales and zero points of packed words too) as column panels of ``columns`` and read them back
+    per reader."""
+    names = packable_weights(module, columns, dtypes, select, group_params)
     if not names:
         return PassResult(module, False, {"weights_packed": 0})
     weights = dict(module.weights)
@@ -140,9 +163,10 @@ def pack_weights(module: Module, columns: int, dtypes: tuple = PACKED_DTYPES,
 
 
 def pack_weights_pass(columns: int, dtypes: tuple = PACKED_DTYPES, select: MatrixFilter | None = None,
-                      description: str | None = None) -> PassInfo:
+                      description: str | None = None, group_params: bool = False) -> PassInfo:
     """The pass configured for a target: panels as wide as a CPU's GEMM micro tile, or one column
-    wide (the transposed matrix) for the quantized words a GPU reads along K."""
+    wide (the transposed matrix) for the quantized words a GPU reads along K (and, with
+    ``group_params``, their scales and zero points)."""
     kinds = " and ".join({DType.f32: "float32 matmul weights", DType.u32: "quantized words"}[d] for d in dtypes)
-    return PassInfo(PASS_NAME, lambda module: pack_weights(module, columns, dtypes, select),
+    return PassInfo(PASS_NAME, lambda module: pack_weights(module, columns, dtypes, select, group_params),
                     description or f"{kinds} stored as column panels of {columns}")

@@ -136,3 +136,36 @@ def test_dtypes_and_the_matrix_filter_choose_what_is_packed():
     inputs = make_sample_inputs(quantized)
     for ref, got in zip(interpreter.run(quantized, inputs), interpreter.run(result, inputs)):
         np.testing.assert_array_equal(ref, got)
+
+
+def test_scales_and_zero_points_follow_their_packed_words_and_fuse_into_the_product():
+    """With ``group_params`` the scales and zero points of packed words are stored as panels too (the
+    scales of words left alone by ``select`` keep their layout), every output stays exact, and fusion
+    still puts each dequantize -- now reading three views of weights -- into its product's kernel."""
+    from slimgraph.compiler.recipe import QuantizeSettings, Recipe
+    from slimgraph.passes._compress import CompressionContext
+    from slimgraph.passes.fusion import fuse
+    from slimgraph.passes.quantize import quantize_pass
+
+    context = CompressionContext(Recipe({"quantize": QuantizeSettings("rtn", 4, 8)}), None)
+    quantized = quantize_pass(context).run(folded_block()).module
+    wide = lambda k, n: n >= 2 * k  # noqa: E731
+    words_only = pack_weights(quantized, 1, (DType.u32,), select=wide).module
+    result = pack_weights(quantized, 1, (DType.u32,), select=wide, group_params=True).module
+    packed = {name[: -len(SUFFIX)] for name in result.weights if name.endswith(SUFFIX)}
+    words = {name[: -len(SUFFIX)] for name in words_only.weights if name.endswith(SUFFIX)}
+    prefixes = {name.rsplit(".", 1)[0] for name in words}
+    assert packed == words | {f"{p}.{kind}" for p in prefixes for kind in ("scales", "zeros")}
+    for name in packed - words:
+        expected = to_panels(quantized.weights[name].array, 1)
+        np.testing.assert_array_equal(result.weights[f"{name}{SUFFIX}"].array, expected)
+    assert any(name.endswith(".scales") for name in result.weights), "unselected products keep their scales"
+    inputs = make_sample_inputs(quantized)
+    for ref, got in zip(interpreter.run(quantized, inputs), interpreter.run(result, inputs)):
+        np.testing.assert_array_equal(ref, got)
+    fused = fuse(result).module
+    kernels = [f for f in fused.functions.values() if f.kind is FunctionKind.FUSED]
+    products = [f for f in kernels if any(n.op is ops.MATMUL for n in f.nodes)]
+    alone = [f.name for f in kernels if {n.op for n in f.nodes} & {ops.DEQUANTIZE}
+             and not {n.op for n in f.nodes} & {ops.MATMUL, ops.TAKE}]   # a gathered row dequantizes alone
+    assert not alone and sum(1 for f in products for n in f.nodes if n.op is ops.DEQUANTIZE) >= len(words)

@@ -280,7 +280,8 @@ def test_one_token_int4_kernel_with_vector_lanes_reads_vectors_and_stages_the_ac
 
 @needs_nvcc
 def test_int4_words_are_stored_transposed_where_the_products_are_wide():
-    """CUDA stores a quantized product's words transposed ([N, K / 8], K contiguous per output) where a
+    """CUDA stores a quantized product's words (and their scales and zero points) transposed ([N, K / 8],
+    K contiguous per output) where a
     warp's lanes split a row into whole steps (K % 256 == 0: every product of a 1.1B LLaMA), for wide
     products (N >= 2K) and for short rows (K <= 1024); other products keep [K / 8, N] words and the
     column schedule. The tiny model's rows (K = 64) are short: DLight's GEMV reads them."""
@@ -298,10 +299,13 @@ def test_int4_words_are_stored_transposed_where_the_products_are_wide():
     options = CompileOptions(target="cuda", arch="sm_90", fp16=True, shapes={"input_ids": (1, 1)},
                              recipe=recipe_from_flags(quantize="int4", group_size=32))
     module, path = load_model("tiny-llama")
-    words = {n: w.type.shape for n, w in optimize(module, options, model_path=path).module.weights.items()
-             if n.endswith((".qweight", f".qweight{SUFFIX}"))}
+    weights = optimize(module, options, model_path=path).module.weights
+    words = {n: w.type.shape for n, w in weights.items() if n.endswith((".qweight", f".qweight{SUFFIX}"))}
     assert words and all(shape[2] == 1 for n, shape in words.items() if n.endswith(SUFFIX))
     assert {n for n in words if not n.endswith(SUFFIX)} == set(), "the tiny model's rows are all short"
+    groups = {n: w.type.shape for n, w in weights.items()   # of the products; the token embedding's are gathered
+              if n.endswith((".scales", ".zeros", f".scales{SUFFIX}")) and not n.startswith("model.embed_tokens")}
+    assert groups and all(n.endswith(SUFFIX) and shape[2] == 1 for n, shape in groups.items()), "scales follow"
     lowered, target = _lowered_for_cuda("tiny-llama", options)
     with target:
         rules = {g.name_hint: gpu.schedule_prim_func(f, target, gpu.default_rules())[1]
