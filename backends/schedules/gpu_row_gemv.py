@@ -13,17 +13,20 @@ its first multiply. Each lane keeps its partial sum in a register; the 32 partia
 are added with warp shuffles (TVM's cross-thread all-reduce), and every lane computes the epilogue
 of the sum it holds (equal values, equal addresses). ``W`` warps share a thread block
 (``threadIdx.y``) and its copy of the activation row in shared memory (16-byte loads, once per
-block). The scales and zero points of a lane's codes belong to one group (``32 V`` codes divide
-the group size), so they are loaded once per step. Every weight byte is read once, by one thread,
-and unpacked in registers. (Several outputs per warp would put a serial loop around the
-all-reduce, which TVM's lowering of cross-thread reductions does not support: it leaves the
-reduction buffer undefined.)
+block). The scales and zero points of a lane's ``V per_word`` codes of a step belong to one group
+wherever that many codes divide the group size (int4, ``V = 2``: 16 codes), so they are loaded once per
+step; ``pack_weights`` stores them transposed with the words, so consecutive groups of a row are
+adjacent. Every weight byte is read once, by one thread, and unpacked in registers. (Several
+outputs per warp would put a serial loop around the all-reduce, which TVM's lowering of
+cross-thread reductions does not support: it leaves the reduction buffer undefined.)
 
 Measured on an H100 (``bench/stage3_cuda_gemv.py``, weights from device memory): 8-byte loads beat
 16-byte ones on every product of a 1.1B LLaMA ([2048 -> 11264] 10.4 against 16.3 us, the LM head
-25.8 against 41.4 us, [2048 -> 2560] 3.5 against 5.0 us), and with 8-byte loads 4 warps per block matched or
-beat 8 on all but the [5632 -> 2048] down projection (6.0 against 5.8 us); reading the activation from
-global memory instead of the shared copy was 2.5-5x slower.
+25.8 against 41.4 us, [2048 -> 2560] 3.5 against 5.0 us), and with 8-byte loads 4 warps per block
+matched or beat 8 on all but the [5632 -> 2048] down projection (6.0 against 5.8 us); reading the
+activation from global memory instead of the shared copy was 2.5-5x slower. In a 1.1B LLaMA's int4
+one-token step the 8-byte RowGEMV took the step from 0.837 to 0.795 ms, and its scales stored
+transposed to 0.747 ms (``bench/results/stage3-cuda-2026-12-08-run2-row-v2-scales``).
 
 ``RowGEMV(plan)`` fixes the plan (benchmarks compare them); without one, ``plan_rows`` takes the
 widest load that divides the row into whole lane steps and ``WARPS`` warps per block.
