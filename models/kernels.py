@@ -1,5 +1,6 @@
-"""Single-product IR modules: the one-token int4 product of a decoding step, for schedule tests and
-the kernel benchmark (``bench/stage3_cuda_gemv.py``).
+"""Small IR modules for kernel tests and the kernel benchmark (``bench/stage3_cuda_gemv.py``): the
+one-token int4 product of a decoding step, and a two-layer MLP whose products have the shapes the
+CUDA one-token schedules are chosen for.
 
 ``int4_product(K, N)`` is ``cast(x @ dequantize(words, scales, zeros))`` with float16 activations
 ``x [1, 1, K]``, packed words, and float16 scales and zero points per group of ``group`` rows; with
@@ -35,3 +36,20 @@ def int4_product(rows: int, outputs: int, *, group: int = 128, transposed: bool 
         y = b.add(ops.ADD, [y, b.param("r", TensorType(DType.f16, (1, 1, outputs)))])
     b.output(y)
     return Module({"main": b.build()}, {})
+
+
+def two_layer_mlp(width: int = 512, hidden: int = 768, seed: int = 0) -> Module:
+    """``y = relu(x @ W1) @ W2 + x`` over float32 weights with rows that are multiples of 256 (the
+    one-token products a CUDA build reads with ``RowGEMV`` once quantized); ``x [1, 1, width]``."""
+    import numpy as np
+
+    from slimgraph.compiler.ir import Weight
+
+    rng = np.random.default_rng(seed)
+    weights = {"w1": Weight((rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)),
+               "w2": Weight((rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32))}
+    b = FunctionBuilder("main", weights)
+    x = b.param("x", TensorType(DType.f32, (1, 1, width)))
+    h = b.add(ops.RELU, [b.add(ops.MATMUL, [x, "@w1"], {})])
+    b.output(b.add(ops.ADD, [b.add(ops.MATMUL, [h, "@w2"], {}), x]))
+    return Module({"main": b.build()}, weights)

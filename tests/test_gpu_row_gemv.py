@@ -6,7 +6,7 @@ import pytest
 
 from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV, RowPlan, RowShape, plan_rows
 from slimgraph.backends.targets import resolve_target
-from slimgraph.backends.targets_cuda import find_nvcc
+from slimgraph.backends.targets_cuda import detect_gpu_arch, find_nvcc
 from slimgraph.compiler.errors import TargetError
 
 
@@ -86,3 +86,37 @@ def test_row_gemv_leaves_words_stored_by_rows_and_short_rows_to_other_rules():
         assert RowGEMV().apply(short, target, False) is None
         assert gpu.schedule_prim_func(by_rows, target, gpu.default_rules())[1] == "ColumnGEMV"
         assert gpu.schedule_prim_func(short, target, gpu.default_rules())[1] == "GEMV"
+
+
+@needs_nvcc
+def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv():
+    """The CUDA build of a one-token int4 MLP (rows 512 and 768) stores words, scales and zero points
+    transposed and schedules both products with RowGEMV, the residual add fused into the second."""
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.compiler.driver import CompileOptions, optimize
+    from slimgraph.compiler.recipe import recipe_from_flags
+    from slimgraph.models.kernels import two_layer_mlp
+    from slimgraph.passes.pack_weights import SUFFIX
+
+    options = CompileOptions(target="cuda", arch="sm_90", fp16=True, recipe=recipe_from_flags(quantize="int4"))
+    module = optimize(two_layer_mlp(), options).module
+    assert sorted(module.weights) == sorted(f"{w}.{kind}{SUFFIX}" for w in ("w1", "w2")
+                                            for kind in ("qweight", "scales", "zeros"))
+    target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
+    kernels = gpu.lowered_kernels(module, target)
+    with target:
+        rules = sorted(gpu.schedule_prim_func(f, target, gpu.default_rules())[1] for f in kernels)
+    assert rules.count("RowGEMV") == 2, rules
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(detect_gpu_arch() is None, reason="needs an NVIDIA GPU")
+def test_one_token_int4_mlp_matches_its_ir_on_the_gpu(tmp_path):
+    from golden_util import artifact_cosine_against_its_ir
+
+    from slimgraph.compiler.driver import CompileOptions, compile_model
+    from slimgraph.compiler.recipe import recipe_from_flags
+    from slimgraph.models.kernels import two_layer_mlp
+
+    options = CompileOptions(target="cuda", fp16=True, recipe=recipe_from_flags(quantize="int4"))
+    assert artifact_cosine_against_its_ir(compile_model(two_layer_mlp(), tmp_path / "cuda", options)) >= 0.999

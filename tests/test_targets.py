@@ -218,21 +218,12 @@ def test_one_token_products_get_the_column_gemv_schedule(tmp_path, quantize):
 @pytest.mark.skipif(detect_gpu_arch() is None, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_one_token_cuda_build_matches_its_ir_on_the_gpu(tmp_path, quantize):
-    from slimgraph.compiler import interpreter
-    from slimgraph.compiler.passmanager import compare_outputs, make_sample_inputs
-    from slimgraph.compiler.printer import parse_module
-    from slimgraph.compiler.weights_io import read_safetensors
-    from slimgraph.compiler.ir import Weight
+    from golden_util import artifact_cosine_against_its_ir
 
     recipe = recipe_from_flags(quantize=quantize, group_size=32) if quantize else None
     out = compile_model("tiny-llama", tmp_path / "cuda", CompileOptions(target="cuda", fp16=True, recipe=recipe,
                                                                           shapes={"input_ids": (1, 1)}))
-    module = parse_module((out / "graph.ir").read_text())
-    arrays = read_safetensors(out / "weights.safetensors")
-    module = module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})
-    inputs = make_sample_inputs(module, seed=1, symbol_value=1)
-    got = slimgraph.load(out)(**inputs)[0]
-    assert compare_outputs(interpreter.run(module, inputs)[0], got).cosine >= 0.999
+    assert artifact_cosine_against_its_ir(out) >= 0.999
 
 
 @pytest.mark.parametrize("outputs,rows,vector_lanes,plan", [
