@@ -24,6 +24,7 @@ from slimgraph.compiler.errors import ArtifactIntegrityError, OutputExistsError
 from slimgraph.compiler.weights_io import sha256_file
 
 LIBRARY = "model.so"
+GRAPH = "graph.ir"
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -118,3 +119,18 @@ def open_artifact(path: str | Path, *, verify_hashes: bool = True) -> ArtifactIn
                 raise ArtifactIntegrityError(f"{file}: content does not match its sha256 in {MANIFEST} "
                                              "(modified or corrupted); recompile the model")
     return ArtifactInfo(path, manifest)
+
+
+def artifact_module(path: str | Path):
+    """The final IR of an artifact (``graph.ir``) with its weights attached, as the reference
+    interpreter runs it."""
+    import numpy as np
+
+    from slimgraph.compiler.ir import Weight
+    from slimgraph.compiler.printer import parse_module
+    from slimgraph.compiler.weights_io import read_safetensors
+
+    path = Path(path)
+    module = parse_module((path / GRAPH).read_text(), source=str(path / GRAPH))
+    arrays = read_safetensors(path / WEIGHTS)
+    return module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})

@@ -137,6 +137,7 @@ def _torch_references(references: dict) -> None:
 
 
 def _interpreter_references(references: dict) -> None:
+    from slimgraph.backends.artifact import artifact_module
     from slimgraph.compiler import interpreter
     from slimgraph.compiler.driver import load_model
     from slimgraph.compiler.passmanager import make_sample_inputs
@@ -150,21 +151,10 @@ def _interpreter_references(references: dict) -> None:
     for name, lengths in (("tiny-llama-int4", (1, 7)), ("tiny-llama-int4-T1", (1,))):
         if not (WORK / "artifacts" / name / "graph.ir").is_file():
             continue
-        quantized = _artifact_module(WORK / "artifacts" / name)
+        quantized = artifact_module(WORK / "artifacts" / name)
         for length in lengths:
             inputs = references[f"tiny-llama@{length}"]["inputs"]
             references[f"{name}@{length}"] = {"inputs": inputs, "output": interpreter.run(quantized, inputs)[0]}
-
-
-def _artifact_module(artifact: Path):
-    """The final IR of an artifact with its weights attached (runs in the reference interpreter)."""
-    from slimgraph.compiler.ir import Weight
-    from slimgraph.compiler.printer import parse_module
-    from slimgraph.compiler.weights_io import read_safetensors
-
-    module = parse_module((artifact / "graph.ir").read_text())
-    arrays = read_safetensors(artifact / "weights.safetensors")
-    return module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})
 
 
 def _gathered_extent(module, fn, value: str) -> int | None:
@@ -323,6 +313,7 @@ def own_ir_references(artifacts: dict) -> dict:
     """``NAME@ir`` for the speed-only artifacts that CORRECTNESS checks so: the reference interpreter
     run on the artifact's own final IR with the weights drawn here (no file to carry; the whole
     1.1B-parameter model in numpy takes seconds to a minute)."""
+    from slimgraph.backends.artifact import artifact_module
     from slimgraph.compiler import interpreter
     from slimgraph.compiler.passmanager import make_sample_inputs
 
@@ -331,7 +322,7 @@ def own_ir_references(artifacts: dict) -> dict:
         name, _, kind = ref_name.partition("@")
         if kind != "ir" or name not in artifacts:
             continue
-        module = _artifact_module(artifacts[name][0])
+        module = artifact_module(artifacts[name][0])
         inputs = make_sample_inputs(module, seed=1, symbol_value=1)
         references[ref_name] = {"inputs": inputs, "output": interpreter.run(module, inputs)[0]}
     return references

@@ -11,8 +11,10 @@ residual add of an output or down projection).
 
 from __future__ import annotations
 
+import numpy as np
+
 from slimgraph.compiler import ops
-from slimgraph.compiler.ir import FunctionBuilder, Module
+from slimgraph.compiler.ir import FunctionBuilder, Module, Weight
 from slimgraph.compiler.types import DType, TensorType
 
 
@@ -41,10 +43,6 @@ def int4_product(rows: int, outputs: int, *, group: int = 128, transposed: bool 
 def two_layer_mlp(width: int = 512, hidden: int = 768, seed: int = 0) -> Module:
     """``y = relu(x @ W1) @ W2 + x`` over float32 weights with rows that are multiples of 256 (the
     one-token products a CUDA build reads with ``RowGEMV`` once quantized); ``x [1, 1, width]``."""
-    import numpy as np
-
-    from slimgraph.compiler.ir import Weight
-
     rng = np.random.default_rng(seed)
     weights = {"w1": Weight((rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)),
                "w2": Weight((rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32))}

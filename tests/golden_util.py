@@ -35,14 +35,11 @@ def artifact_cosine_against_its_ir(artifact: Path, seed: int = 1) -> float:
     """Cosine between a compiled artifact's output and the interpreter running the artifact's own
     final IR (``graph.ir``) on its own weights: the kernels' correctness, not compression error."""
     import slimgraph
+    from slimgraph.backends.artifact import artifact_module
     from slimgraph.compiler import interpreter
     from slimgraph.compiler.passmanager import compare_outputs, make_sample_inputs
-    from slimgraph.compiler.printer import parse_module
-    from slimgraph.compiler.weights_io import read_safetensors
 
-    module = parse_module((artifact / "graph.ir").read_text())
-    arrays = read_safetensors(artifact / "weights.safetensors")
-    module = module.with_weights({name: Weight(np.asarray(arrays[name])) for name in module.weights})
+    module = artifact_module(artifact)
     inputs = make_sample_inputs(module, seed=seed, symbol_value=1)
     got = slimgraph.load(artifact)(**inputs)[0]
     return compare_outputs(interpreter.run(module, inputs)[0], got).cosine

@@ -5,7 +5,7 @@ through ``FuseTIR``; TVM's ``FuseOps`` and ``FoldConstant`` are not run. Every k
 GPU schedule from TVM's DLight rules, tried in this order:
 
 * ``RowGEMV`` (slimgraph's, :mod:`.gpu_row_gemv`): one-token products over quantized words
-  stored K-contiguous per output, one warp per output with 16-byte loads;
+  stored K-contiguous per output, one warp per output with 8-byte loads;
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);

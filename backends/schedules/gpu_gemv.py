@@ -86,11 +86,11 @@ class GemvPlan:
     groups: int           # TY: thread groups splitting N (threadIdx.y)
 
 
-def _static(extent) -> int | None:
+def static_extent(extent) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
 
-def _weight_reads(block: s_tir.SBlock, n_var: tirx.Var) -> list[int]:
+def weight_reads(block: s_tir.SBlock, n_var: tirx.Var) -> list[int]:
     """Indices (in ``block.reads``) of the reads that depend on the output ``n``: the weight, its
     scales and zero points."""
     return [i for i, read in enumerate(block.reads)
@@ -188,7 +188,7 @@ class ColumnGEMV:
             return None
         spatial = [it for it in main.iters if it.kind == "S"]
         reduction = [it for it in main.iters if it.kind == "R"]
-        extents = [_static(it.dom) for it in spatial + reduction]
+        extents = [static_extent(it.dom) for it in spatial + reduction]
         if len(reduction) != 1 or not spatial or None in extents:
             return None
         if any(e != 1 for e in extents[:len(spatial) - 1]):
@@ -197,7 +197,7 @@ class ColumnGEMV:
         n_var, k_var = spatial[-1].var, reduction[0].var
         if not _reads_rows(block, k_var, n_var):
             return None
-        weights = _weight_reads(block, n_var)
+        weights = weight_reads(block, n_var)
         weight_bytes = max(tvm.DataType(block.reads[i].source.dtype).bits // 8 for i in weights)
         return GemvShape(extents[len(spatial) - 1], extents[-1], _rows_per_word(block, k_var), weight_bytes)
 
@@ -206,7 +206,7 @@ def _schedule_vector_lanes(sch: s_tir.Schedule, main, epilogue, shape: GemvShape
     v, r, ty = plan.vector, plan.lanes, plan.groups
     block = main.block_rv
     n_var = [it.var for it in main.iters if it.kind == "S"][-1]
-    weight_buffers = [sch.get(block).reads[i].source for i in _weight_reads(sch.get(block), n_var)]
+    weight_buffers = [sch.get(block).reads[i].source for i in weight_reads(sch.get(block), n_var)]
     (k_loop,) = [it.loop_rv for it in main.iters if it.kind == "R"]
     bx, group, vec = sch.split(sch.fuse(*[it.loop_rv for it in main.iters if it.kind == "S"]), [None, ty, v])
     ko, lane, ki = sch.split(k_loop, [None, r, shape.rows_per_word])
@@ -222,16 +222,13 @@ def _schedule_vector_lanes(sch: s_tir.Schedule, main, epilogue, shape: GemvShape
     ko, ko_inner = sch.split(ko, [None, in_flight])
     reads = [read.source for read in sch.get(partial).reads]
     is_weight = [any(src.same_as(w) for w in weight_buffers) for src in reads]
+    activations = activation_reads(sch, partial, weight_buffers)
     for index in [i for i, weight in enumerate(is_weight) if weight]:
         cache = sch.cache_read(partial, index, "local")       # one vector load per row and thread
         sch.compute_at(cache, ko_inner, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(cache)[-1])
     sch.unroll(ko_inner)   # straight-line code: the ROWS_IN_FLIGHT loads issue before the first use
-    written = [write.source for write in sch.get(partial).writes]
-    activations = [i for i, src in enumerate(reads)
-                   if not is_weight[i] and not any(src.same_as(w) for w in written)]
-    for index in activations:
-        _stage_in_shared(sch, partial, index, bx, plan)
+    stage_in_shared(sch, partial, activations, bx, plan.groups, plan.lanes)
     # the lanes' partial sums: registers while summing, shared memory for the sum across lanes
     sch.set_scope(partial, 0, "shared")
     sch.reverse_compute_at(sch.cache_write(partial, 0, "local"), lane, preserve_unit_loops=True)
@@ -247,16 +244,25 @@ def _schedule_vector_lanes(sch: s_tir.Schedule, main, epilogue, shape: GemvShape
         sch.reverse_compute_at(epilogue, sum_group, preserve_unit_loops=True)
 
 
-def _stage_in_shared(sch: s_tir.Schedule, partial, index: int, bx, plan: GemvPlan) -> None:
-    """Copy an activation read (all of its K values) to shared memory once per block, 16 bytes
-    per thread and step."""
-    cache = sch.cache_read(partial, index, "shared")
-    sch.compute_at(cache, bx, preserve_unit_loops=True)
-    lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
-    _, group, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, plan.groups, plan.lanes, lanes])
-    sch.bind(group, "threadIdx.y")
-    sch.bind(lane, "threadIdx.x")
-    sch.vectorize(vec)
+def activation_reads(sch: s_tir.Schedule, partial, weights: list) -> list[int]:
+    """Indices of the reads of ``partial`` that are neither ``weights`` buffers nor its own output
+    (taken before any read is cached, which renames the cached reads)."""
+    skipped = [*weights, *(write.source for write in sch.get(partial).writes)]
+    return [i for i, read in enumerate(sch.get(partial).reads) if not any(read.source.same_as(b) for b in skipped)]
+
+
+def stage_in_shared(sch: s_tir.Schedule, partial, indices: list[int], bx, threads_y: int, threads_x: int) -> None:
+    """Copy the reads ``indices`` of ``partial`` (activations: all of their K values) to shared
+    memory once per block (loop ``bx``), 16 bytes per thread and step over ``threads_y`` x
+    ``threads_x`` threads."""
+    for index in indices:
+        cache = sch.cache_read(partial, index, "shared")
+        sch.compute_at(cache, bx, preserve_unit_loops=True)
+        lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
+        _, group, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, threads_y, threads_x, lanes])
+        sch.bind(group, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+        sch.vectorize(vec)
 
 
 def _schedule_column_threads(sch: s_tir.Schedule, main, epilogue, shape: GemvShape) -> bool:

@@ -36,17 +36,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 from tvm.target import Target
 
-from slimgraph.backends.schedules.gpu_gemv import product_blocks
+from slimgraph.backends.schedules.gpu_gemv import (activation_reads, product_blocks, stage_in_shared,
+                                                     static_extent, weight_reads)
 
 LANES = 32           # a warp: the lanes splitting K
 VECTORS = (2, 1)     # words per lane and step (8-, 4-byte loads), widest first; 16-byte loads measured slower
 WARPS = 4            # warps (outputs) per thread block
-VECTOR_BYTES = 16    # activation copy to shared memory: one 16-byte load per thread and step
 
 
 @dataclass(frozen=True)
@@ -74,17 +72,14 @@ def plan_rows(shape: RowShape) -> RowPlan | None:
     return RowPlan(vector, warps)
 
 
-def _static(extent) -> int | None:
-    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
-
-
 def _word_read(block: s_tir.SBlock, n_var: tirx.Var, k_var: tirx.Var) -> tuple[int, int] | None:
     """(index in ``block.reads``, codes per word) of a ``uint32`` read ``Wq[..., n, k // per_word, ...]``
     whose last non-unit index is the word of ``k``; None if the block reads no such words."""
     for i, read in enumerate(block.reads):
         if read.source.dtype != "uint32":
             continue
-        indices = [axis.min for axis in read.region if not (_static(axis.extent) == 1 and _static(axis.min) == 0)]
+        indices = [axis.min for axis in read.region
+                   if not (static_extent(axis.extent) == 1 and static_extent(axis.min) == 0)]
         if len(indices) < 2 or not indices[-2].same_as(n_var):
             continue
         last = indices[-1]
@@ -111,7 +106,7 @@ class RowGEMV:
         plan = self.plan or plan_rows(shape)
         if plan is None or shape.words % (LANES * plan.vector) or shape.outputs % plan.warps:
             return None
-        _schedule_rows(sch, infos[0], infos[1].block_rv if len(infos) == 2 else None, plan, words_read)
+        _schedule_rows(sch, infos[0], infos[1].block_rv if len(infos) == 2 else None, plan, shape, words_read)
         return sch
 
     @staticmethod
@@ -122,7 +117,7 @@ class RowGEMV:
             return None
         spatial = [it for it in main.iters if it.kind == "S"]
         reduction = [it for it in main.iters if it.kind == "R"]
-        extents = [_static(it.dom) for it in spatial + reduction]
+        extents = [static_extent(it.dom) for it in spatial + reduction]
         if len(reduction) != 1 or not spatial or None in extents or any(e != 1 for e in extents[:len(spatial) - 1]):
             return None
         block = sch.get(main.block_rv)
@@ -135,16 +130,14 @@ class RowGEMV:
         return RowShape(extents[len(spatial) - 1], extents[-1] // per_word, per_word), index
 
 
-def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, words_read: int) -> None:
+def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, shape: RowShape, words_read: int) -> None:
     block = main.block_rv
     n_var = [it.var for it in main.iters if it.kind == "S"][-1]
     words_buffer = sch.get(block).reads[words_read].source
-    per_row = [read.source for read in sch.get(block).reads
-               if any(n_var in collect_vars_used_in_prim_expr(axis.min) for axis in read.region)]
+    per_row = [sch.get(block).reads[i].source for i in weight_reads(sch.get(block), n_var)]
     (k_loop,) = [it.loop_rv for it in main.iters if it.kind == "R"]
-    per_word = RowGEMV.row_shape(sch, main)[0].per_word
     bx, warp = sch.split(sch.fuse(*[it.loop_rv for it in main.iters if it.kind == "S"]), [None, plan.warps])
-    step, lane, codes = sch.split(k_loop, [None, LANES, plan.vector * per_word])
+    step, lane, codes = sch.split(k_loop, [None, LANES, plan.vector * shape.per_word])
     sch.reorder(bx, warp, lane, step, codes)
     partial = sch.rfactor(lane, factor_axis=0)
     bx, warp, lane, step, _ = sch.get_loops(partial)
@@ -152,6 +145,7 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, words_rea
     sch.bind(warp, "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
     reads = [read.source for read in sch.get(partial).reads]
+    activations = activation_reads(sch, partial, per_row)
     for index, source in enumerate(reads):
         if any(source.same_as(b) for b in per_row):   # words, scales, zero points: registers per step
             cache = sch.cache_read(partial, index, "local")
@@ -159,12 +153,8 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, words_rea
             if source.same_as(words_buffer):   # the step's V words (and trailing unit axes): one load
                 loops = sch.get_loops(cache)[-len(source.shape) + 1:]
                 sch.vectorize(sch.fuse(*loops) if len(loops) > 1 else loops[0])
-    written = [write.source for write in sch.get(partial).writes]
-    activations = [i for i, src in enumerate(reads)
-                   if not any(src.same_as(b) for b in per_row) and not any(src.same_as(w) for w in written)]
     if plan.shared_activation:
-        for index in activations:
-            _stage_in_shared(sch, partial, index, bx, plan)
+        stage_in_shared(sch, partial, activations, bx, plan.warps, LANES)
     sch.set_scope(partial, 0, "local")
     sch.decompose_reduction(partial, step)
     sch.annotate(lane, ann_key="pragma_auto_unroll_max_step", ann_val=1024)
@@ -180,13 +170,3 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, words_rea
         sch.reverse_compute_at(epilogue, bx, preserve_unit_loops=True)
         sch.bind(sch.get_loops(epilogue)[-1], "threadIdx.y")
 
-
-def _stage_in_shared(sch: s_tir.Schedule, partial, index: int, bx, plan: RowPlan) -> None:
-    """Copy an activation read (all of its K values) to shared memory once per block."""
-    cache = sch.cache_read(partial, index, "shared")
-    sch.compute_at(cache, bx, preserve_unit_loops=True)
-    lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
-    _, warp, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, plan.warps, LANES, lanes])
-    sch.bind(warp, "threadIdx.y")
-    sch.bind(lane, "threadIdx.x")
-    sch.vectorize(vec)
