@@ -10,7 +10,9 @@ For each product shape [K -> N] of SmolLM2-135M and of a TinyLlama-1.1B-shaped m
 and the "vector-lanes" schedule, and over words stored transposed ([N, K / 8], as ``pack_weights``
 stores them for CUDA) with DLight's ``GEMV`` rule ("transposed-gemv") and with slimgraph's ``RowGEMV``
 under several plans ("row-warps" is its default plan; "row-vV-wW" fixes V words per lane load and W warps
-per block, "-global" reads the activation from global memory instead of a shared copy). "chosen" is the
+per block, "-global" reads the activation from global memory instead of a shared copy), and, where it
+applies, as the factored kernel of ``gpu_factored_gemv`` under RowGEMV ("row-factored", "-wW" with W warps
+per block); the other transposed kernels keep the dequantize form. "chosen" is the
 kernel a CUDA build uses for that shape (the layout ``reads_words_transposed`` picks, then the first rule
 that applies).
 On the GPU each one runs on random words, scales and zero points whose copies together exceed the
@@ -42,20 +44,24 @@ GROUP = 128
 L2_ROTATION_BYTES = 160e6
 
 
-def _product(rows: int, outputs: int, transposed: bool = False):
+def _product(rows: int, outputs: int, transposed: bool = False, factored: bool = False):
     """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it;
-    ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``' chain."""
+    ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``' chain;
+    ``factored``: lowered as a build lowers it, the factored kernel wherever it applies."""
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.targets import resolve_target
     from slimgraph.models.kernels import int4_product
 
     target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
-    (func,) = gpu.lowered_kernels(int4_product(rows, outputs, group=GROUP, transposed=transposed), target)
+    module = int4_product(rows, outputs, group=GROUP, transposed=transposed)
+    (func,) = gpu.lowered_kernels(module, target, factored_rows=factored)
     return func, target
 
 
 TRANSPOSED = "transposed-gemv"
 ROW_WARPS = "row-warps"
+FACTORED = "row-factored"   # the factored kernel (gpu_factored_gemv) under RowGEMV's default plan
+FACTORED_PLANS = {FACTORED: None, "row-factored-w8": 8, "row-factored-w2": 2}   # name: warps per block
 ROW_PLANS = {f"row-v{v}-w{w}{'' if shared else '-global'}": (v, w, shared)
              for v, w, shared in [(4, 4, True), (4, 8, True), (4, 2, True), (2, 4, True), (4, 4, False), (2, 8, True)]}
 
@@ -84,6 +90,7 @@ def prepare(_args) -> None:
 
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.schedules.gpu_gemv import SCHEDULES, ColumnGEMV
+    from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV, RowPlan
     from slimgraph.backends.targets_cuda import reads_words_transposed
 
     FOLDER.mkdir(parents=True, exist_ok=True)
@@ -105,8 +112,13 @@ def prepare(_args) -> None:
             assert rule == "GEMV", f"[{rows} -> {outputs}] transposed words scheduled by {rule}"
             kernels[TRANSPOSED] = scheduled
             kernels.update(_row_kernels(transposed, target))
+            built = _product(rows, outputs, transposed=True, factored=True)[0]
+            if built.script() != transposed.script():   # the factored kernel applies to this shape
+                for name, warps in FACTORED_PLANS.items():
+                    plan = RowPlan(1, warps) if warps else None
+                    kernels[name] = gpu.schedule_prim_func(built, target, [RowGEMV(plan)])[0]
             if reads_words_transposed(rows, outputs):
-                default, rule = gpu.schedule_prim_func(transposed, target, gpu.default_rules())
+                default, rule = gpu.schedule_prim_func(built, target, gpu.default_rules())
                 chosen = next(n for n, k in kernels.items() if reads_transposed(n) and k.script() == default.script())
             symbols = {name: name.replace("-", "_") for name in kernels}
             library = tvm.tirx.build(tvm.IRModule({symbols[n]: k.with_attr("global_symbol", symbols[n])
@@ -191,7 +203,7 @@ def report(args) -> None:
     result = json.loads(Path(args.result).read_text())
     copy = result["copy"]["tb_per_s"]
     print(f"{result['device']}: copy bandwidth {copy:.2f} TB/s (read + write); GPU us per call, weights from DRAM")
-    names = ("column-threads", "vector-lanes", TRANSPOSED, ROW_WARPS, *ROW_PLANS)
+    names = ("column-threads", "vector-lanes", TRANSPOSED, ROW_WARPS, *FACTORED_PLANS, *ROW_PLANS)
     print(f"  {'product':16s} {'MB':>6s} " + " ".join(f"{n:>16s}" for n in names) + "  chosen")
     for key, row in result["shapes"].items():
         cells = []

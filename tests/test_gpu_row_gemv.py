@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from slimgraph.backends.schedules.gpu_factored_gemv import ROW_STAGE
 from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV, RowPlan, RowShape, plan_rows
 from slimgraph.backends.targets import resolve_target
 from slimgraph.backends.targets_cuda import detect_gpu_arch, find_nvcc
@@ -91,7 +92,8 @@ def test_row_gemv_leaves_words_stored_by_rows_and_short_rows_to_other_rules():
 @needs_nvcc
 def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv():
     """The CUDA build of a one-token int4 MLP (rows 512 and 768) stores words, scales and zero points
-    transposed and schedules both products with RowGEMV, the residual add fused into the second."""
+    transposed, lowers both products as factored kernels (8-byte chunks for 512 rows, 4-byte for
+    768) and schedules them with RowGEMV, the residual add fused into the second."""
     from slimgraph.backends.schedules import gpu
     from slimgraph.compiler.driver import CompileOptions, optimize
     from slimgraph.compiler.recipe import recipe_from_flags
@@ -107,6 +109,16 @@ def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv():
     with target:
         rules = sorted(gpu.schedule_prim_func(f, target, gpu.default_rules())[1] for f in kernels)
     assert rules.count("RowGEMV") == 2, rules
+    assert sorted(_chunks(f) for f in kernels if _chunks(f)) == [32, 96]   # 512 / 16 and 768 / 8
+
+
+def _chunks(func) -> int | None:
+    """The number of chunks of the factored kernel ``func`` (values of its ``xs`` stage), else None."""
+    sch = _schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).annotations.get(ROW_STAGE) == "sums":
+            return int(sch.get(block).writes[0].source.shape[0])
+    return None
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ through ``FuseTIR``; TVM's ``FuseOps`` and ``FoldConstant`` are not run. Every k
 GPU schedule from TVM's DLight rules, tried in this order:
 
 * ``RowGEMV`` (slimgraph's, :mod:`.gpu_row_gemv`): one-token products over quantized words
-  stored K-contiguous per output, one warp per output with 8-byte loads;
+  stored K-contiguous per output, one warp per output with 8-byte loads; such products are
+  lowered with the group scale factored out (:mod:`.gpu_factored_gemv`, three instructions a weight);
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
@@ -39,6 +40,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass, weights_in_float32_pass
+from slimgraph.backends.schedules.gpu_factored_gemv import factor_row_products_pass
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 from slimgraph.backends.schedules.gpu_row_chain import RowChain
 from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV
@@ -147,10 +149,13 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
     return _pass
 
 
-def lowering_passes(target: Target) -> list:
-    """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts)."""
+def lowering_passes(target: Target, *, factored_rows: bool = True) -> list:
+    """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts).
+    ``factored_rows`` False keeps one-token products over transposed words in the dequantize form
+    (benchmarks compare the two)."""
     return cuda_pipeline.library_dispatch_passes(target) + [
         weights_in_float32_pass(),
+        *([factor_row_products_pass()] if factored_rows else []),
         codes_through_bits_pass(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
@@ -160,13 +165,13 @@ def lowering_passes(target: Target) -> list:
     ]
 
 
-def lowered_kernels(module, target: Target) -> list[tirx.PrimFunc]:
+def lowered_kernels(module, target: Target, *, factored_rows: bool = True) -> list[tirx.PrimFunc]:
     """The unscheduled TIR kernels of a slimgraph module (fused, lowered as a CUDA build lowers it)."""
     from slimgraph.backends.relax_lowering import lower_to_relax
     from slimgraph.passes.fusion import fuse
 
     with target, tvm.transform.PassContext(opt_level=3):
-        lowered = tvm.transform.Sequential(lowering_passes(target))(lower_to_relax(fuse(module).module).ir_module)
+        lowered = tvm.transform.Sequential(lowering_passes(target, factored_rows=factored_rows))(lower_to_relax(fuse(module).module).ir_module)
     return [f for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
 
 

@@ -139,13 +139,17 @@ def plan_vector_lanes(shape: GemvShape) -> GemvPlan | None:
     return GemvPlan(vector, lanes, groups)
 
 
-def product_blocks(func: tirx.PrimFunc, target: Target):
+def product_blocks(func: tirx.PrimFunc, target: Target, *, keep: str | None = None):
     """(schedule, [product block, epilogue block if any]) of a CUDA kernel whose spatial prologue
-    inlines into one reduction followed by at most one injective block; None for other kernels."""
+    inlines into one reduction followed by at most one injective block; None for other kernels.
+    Blocks annotated ``keep`` stay blocks of their own (stages the rule places itself)."""
     if target.kind.name != "cuda":
         return None
     sch = s_tir.Schedule(func)
-    infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+    infos = normalize_prim_func(sch)
+    if infos is not None and keep is not None:
+        infos = [info for info in infos if keep not in sch.get(info.block_rv).annotations]
+    infos = try_inline_contiguous_spatial(sch, infos)
     if infos is None or len(infos) not in (1, 2) or (len(infos) == 2 and not infos[1].is_injective()):
         return None
     return sch, infos

@@ -28,6 +28,13 @@ activation from global memory instead of the shared copy was 2.5-5x slower. In a
 one-token step the 8-byte RowGEMV took the step from 0.837 to 0.795 ms, and its scales stored
 transposed to 0.747 ms (``bench/results/stage3-cuda-2026-12-08-run2-row-v2-scales``).
 
+**Factored kernels** (``gpu_factored_gemv``) reduce over chunks of one or two words instead of
+codes; their activation stages (``xq``, ``xs``, annotated ``ROW_STAGE``) are not inlined but computed
+once per block into shared memory by all its threads, ``xq`` lane-interleaved (lane ``l``'s
+values of a step in runs of 4 floats at stride ``32 x 4``, so a warp's 16-byte reads hit every
+bank once); each lane copies its step's values to registers with 16-byte reads. A chunk is one
+lane load, so the plan's vector is 1.
+
 ``RowGEMV(plan)`` fixes the plan (benchmarks compare them); without one, ``plan_rows`` takes the
 widest load that divides the row into whole lane steps and ``WARPS`` warps per block.
 """
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from slimgraph.backends.schedules.gpu_factored_gemv import ROW_STAGE
 from slimgraph.backends.schedules.gpu_gemv import (activation_reads, product_blocks, stage_in_shared,
                                                      static_extent, weight_reads)
 
@@ -83,6 +91,8 @@ def _word_read(block: s_tir.SBlock, n_var: tirx.Var, k_var: tirx.Var) -> tuple[i
         if len(indices) < 2 or not indices[-2].same_as(n_var):
             continue
         last = indices[-1]
+        if last.same_as(k_var) or (isinstance(last, tirx.Mul) and last.a.same_as(k_var)):
+            return i, 1   # the factored kernel (gpu_factored_gemv) reduces over chunks of whole words
         if isinstance(last, tirx.FloorDiv) and last.a.same_as(k_var) and isinstance(last.b, tirx.IntImm):
             return i, int(last.b)
     return None
@@ -95,7 +105,7 @@ class RowGEMV:
         self.plan = plan
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        blocks = product_blocks(func, target)
+        blocks = product_blocks(func, target, keep=ROW_STAGE)
         if blocks is None:
             return None
         sch, infos = blocks
@@ -104,6 +114,8 @@ class RowGEMV:
             return None
         shape, words_read = found
         plan = self.plan or plan_rows(shape)
+        if plan is not None and _stage_blocks(sch):   # factored: a chunk's words are one load already
+            plan = RowPlan(1, plan.warps, plan.shared_activation)
         if plan is None or shape.words % (LANES * plan.vector) or shape.outputs % plan.warps:
             return None
         _schedule_rows(sch, infos[0], infos[1].block_rv if len(infos) == 2 else None, plan, shape, words_read)
@@ -146,6 +158,7 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, shape: Ro
     sch.bind(lane, "threadIdx.x")
     reads = [read.source for read in sch.get(partial).reads]
     activations = activation_reads(sch, partial, per_row)
+    stages = _stage_blocks(sch)
     for index, source in enumerate(reads):
         if any(source.same_as(b) for b in per_row):   # words, scales, zero points: registers per step
             cache = sch.cache_read(partial, index, "local")
@@ -153,7 +166,9 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, shape: Ro
             if source.same_as(words_buffer):   # the step's V words (and trailing unit axes): one load
                 loops = sch.get_loops(cache)[-len(source.shape) + 1:]
                 sch.vectorize(sch.fuse(*loops) if len(loops) > 1 else loops[0])
-    if plan.shared_activation:
+    if stages:
+        _place_stages(sch, stages, partial, step, bx, plan, shape.words)
+    elif plan.shared_activation:
         stage_in_shared(sch, partial, activations, bx, plan.warps, LANES)
     sch.set_scope(partial, 0, "local")
     sch.decompose_reduction(partial, step)
@@ -170,3 +185,41 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, shape: Ro
         sch.reverse_compute_at(epilogue, bx, preserve_unit_loops=True)
         sch.bind(sch.get_loops(epilogue)[-1], "threadIdx.y")
 
+
+
+def _stage_blocks(sch: s_tir.Schedule) -> list[tuple[s_tir.SBlockRV, str]]:
+    """The blocks annotated ``ROW_STAGE`` (the factored kernel's per-block activation stages)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return [(rv, str(sch.get(rv).annotations[ROW_STAGE])) for rv in blocks if ROW_STAGE in sch.get(rv).annotations]
+
+
+def _place_stages(sch: s_tir.Schedule, stages, partial, step, bx, plan: RowPlan, words: int) -> None:
+    """Compute the stages once per thread block into shared memory over all its threads, and give
+    each lane its step's values in registers. The scaled activations ("codes", ``C`` a chunk) are
+    stored ``[C / 4, chunks, 4]``: the run ``q`` of chunk ``c`` at ``(q chunks + c) 4``, so the 32
+    lanes (consecutive chunks) of a 16-byte read hit 32 different banks. (The layout is written in
+    the chunk index alone: indices that need the lane's bound to simplify leave the register
+    copy a buffer over all 32 lanes.)"""
+    sources = []
+    for block, role in stages:
+        buffer = sch.get(block).writes[0].source
+        sch.set_scope(block, 0, "shared")
+        vector = 1
+        if role == "codes":
+            run = int(buffer.shape[0]) // words * plan.vector   # values one lane reads per step
+            sch.transform_layout(block, ("write", 0), lambda k: [k % run // 4, k // run, k % 4])
+            vector = 4
+        sch.compute_at(block, bx, preserve_unit_loops=True)
+        loops = sch.get_loops(block)[1:]
+        _, warp, lane, inner = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0],
+                                         [None, plan.warps, LANES, vector])
+        sch.bind(warp, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+        if vector > 1:
+            sch.vectorize(inner)
+        sources.append(sch.get(block).writes[0].source)
+    for source in sources:
+        index = next(i for i, read in enumerate(sch.get(partial).reads) if read.source.same_as(source))
+        cache = sch.cache_read(partial, index, "local")
+        sch.compute_at(cache, step, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(cache)[-1])
