@@ -103,3 +103,33 @@ def test_row_gemv_stages_the_factored_activations_in_shared_memory(rows, outputs
     assert registers["xq_shared_local_ptr"] == 8 * words and registers["p0_local_ptr"] == words, registers
     assert "(float)(p0_local" not in source and "1258291200" in source
     assert "__shfl_down_sync" in source
+
+
+@pytest.mark.parametrize("rows,outputs,factored", [
+    (2048, 512, True), (5632, 256, True), (768, 128, True), (256, 64, True),
+    (2048, 512, False), (768, 128, False)])
+def test_row_gemv_schedules_compute_the_product_run_serially_on_the_cpu(rows, outputs, factored):
+    """RowGEMV's schedule of the factored kernel (chunks of 2 and 1 words, a masked stage for 256
+    rows) and of the dequantize form, its threads run one after the other on the CPU (the serial
+    twin), gives the float16 product and residual add of the dequantized weights."""
+    from gpu_twin import run_twin
+
+    from slimgraph.backends.schedules import gpu
+    from slimgraph.models.kernels import int4_product
+
+    target = _cuda()
+    module = int4_product(rows, outputs, transposed=True, residual=True)
+    (func,) = gpu.lowered_kernels(module, target, factored_rows=factored)
+    with target:
+        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
+    assert rule == "RowGEMV"
+    rng = np.random.default_rng(rows)
+    words = rng.integers(0, 2 ** 32, (rows // 8, outputs), dtype=np.uint32)
+    scales = (rng.random((rows // 128, outputs)) * 0.02 + 0.001).astype(np.float16)
+    zeros = rng.integers(0, 16, (rows // 128, outputs)).astype(np.float16)
+    x = rng.standard_normal((1, 1, rows)).astype(np.float16)
+    residual = rng.standard_normal((1, 1, outputs)).astype(np.float16)
+    weight = dequantize_reference(words, scales, zeros, bits=4, group_size=128, rows=rows)
+    reference = (x.astype(np.float32)[0] @ weight).astype(np.float16) + residual[0]
+    got = run_twin(scheduled, [np.ascontiguousarray(words.T)[:, :, None], scales, zeros, x, residual], residual)
+    np.testing.assert_allclose(got[0].astype(np.float32), reference.astype(np.float32), rtol=2e-3, atol=2e-3)
