@@ -6,7 +6,8 @@ CUDA one-token schedules are chosen for.
 ``x [1, 1, K]``, packed words, and float16 scales and zero points per group of ``group`` rows; with
 ``transposed`` the words are stored ``[N, K / 8, 1]`` and read back through a transpose and a reshape,
 as ``pack_weights`` leaves them for CUDA; ``residual`` adds a float16 ``[1, 1, N]`` input (the fused
-residual add of an output or down projection).
+residual add of an output or down projection); ``norm`` puts the RMS norm of a LLaMA layer (float32,
+weight ``g [K]``, rounded to float16) before the product.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from slimgraph.compiler.types import DType, TensorType
 
 
 def int4_product(rows: int, outputs: int, *, group: int = 128, transposed: bool = False,
-                 residual: bool = False) -> Module:
+                 residual: bool = False, norm: bool = False) -> Module:
     b = FunctionBuilder("main", {})
     x = b.param("x", TensorType(DType.f16, (1, 1, rows)))
+    if norm:   # a LLaMA RMS norm in float32 (eps 1e-5, weight g), rounded to float16
+        gamma = b.add(ops.CAST, [b.param("g", TensorType(DType.f16, (rows,)))], {"dtype": DType.f32})
+        normed = b.add(ops.RMS_NORM, [b.add(ops.CAST, [x], {"dtype": DType.f32}), gamma], {"eps": 1e-5})
+        x = b.add(ops.CAST, [normed], {"dtype": DType.f16})
     if transposed:
         stored = b.param("w", TensorType(DType.u32, (outputs, rows // 8, 1)))
         turned = b.add(ops.TRANSPOSE, [stored], {"perm": (1, 0, 2)})
@@ -40,14 +45,18 @@ def int4_product(rows: int, outputs: int, *, group: int = 128, transposed: bool 
     return Module({"main": b.build()}, {})
 
 
-def two_layer_mlp(width: int = 512, hidden: int = 768, seed: int = 0) -> Module:
+def two_layer_mlp(width: int = 512, hidden: int = 768, seed: int = 0, *, norm: bool = False) -> Module:
     """``y = relu(x @ W1) @ W2 + x`` over float32 weights with rows that are multiples of 256 (the
-    one-token products a CUDA build reads with ``RowGEMV`` once quantized); ``x [1, 1, width]``."""
+    one-token products a CUDA build reads with ``RowGEMV`` once quantized); ``x [1, 1, width]``.
+    ``norm``: ``relu(rms_norm(x) @ W1)``, the norm's weight ``g`` a weight of the module."""
     rng = np.random.default_rng(seed)
     weights = {"w1": Weight((rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)),
                "w2": Weight((rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32))}
+    if norm:
+        weights["g"] = Weight(rng.uniform(0.5, 1.5, width).astype(np.float32))
     b = FunctionBuilder("main", weights)
     x = b.param("x", TensorType(DType.f32, (1, 1, width)))
-    h = b.add(ops.RELU, [b.add(ops.MATMUL, [x, "@w1"], {})])
+    first = b.add(ops.RMS_NORM, [x, "@g"], {"eps": 1e-5}) if norm else x
+    h = b.add(ops.RELU, [b.add(ops.MATMUL, [first, "@w1"], {})])
     b.output(b.add(ops.ADD, [b.add(ops.MATMUL, [h, "@w2"], {}), x]))
     return Module({"main": b.build()}, weights)

@@ -90,10 +90,12 @@ def test_row_gemv_leaves_words_stored_by_rows_and_short_rows_to_other_rules():
 
 
 @needs_nvcc
-def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv():
+@pytest.mark.parametrize("norm", [False, True])
+def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv(norm):
     """The CUDA build of a one-token int4 MLP (rows 512 and 768) stores words, scales and zero points
     transposed, lowers both products as factored kernels (8-byte chunks for 512 rows, 4-byte for
-    768) and schedules them with RowGEMV, the residual add fused into the second."""
+    768) and schedules them with RowGEMV, the residual add fused into the second; an RMS norm
+    before the first product is computed in the first product's kernel."""
     from slimgraph.backends.schedules import gpu
     from slimgraph.compiler.driver import CompileOptions, optimize
     from slimgraph.compiler.recipe import recipe_from_flags
@@ -101,14 +103,14 @@ def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv():
     from slimgraph.passes.pack_weights import SUFFIX
 
     options = CompileOptions(target="cuda", arch="sm_90", fp16=True, recipe=recipe_from_flags(quantize="int4"))
-    module = optimize(two_layer_mlp(), options).module
-    assert sorted(module.weights) == sorted(f"{w}.{kind}{SUFFIX}" for w in ("w1", "w2")
-                                            for kind in ("qweight", "scales", "zeros"))
+    module = optimize(two_layer_mlp(norm=norm), options).module
+    assert sorted(w for w in module.weights if w != "g") == sorted(f"{w}.{kind}{SUFFIX}" for w in ("w1", "w2")
+                                                                   for kind in ("qweight", "scales", "zeros"))
     target = resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
     kernels = gpu.lowered_kernels(module, target)
     with target:
         rules = sorted(gpu.schedule_prim_func(f, target, gpu.default_rules())[1] for f in kernels)
-    assert rules.count("RowGEMV") == 2, rules
+    assert rules.count("RowGEMV") == 2 and len(kernels) == 3, rules   # + the input's cast to float16
     assert sorted(_chunks(f) for f in kernels if _chunks(f)) == [32, 96]   # 512 / 16 and 768 / 8
 
 
@@ -123,7 +125,8 @@ def _chunks(func) -> int | None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(detect_gpu_arch() is None, reason="needs an NVIDIA GPU")
-def test_one_token_int4_mlp_matches_its_ir_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("norm", [False, True])
+def test_one_token_int4_mlp_matches_its_ir_on_the_gpu(tmp_path, norm):
     from golden_util import artifact_cosine_against_its_ir
 
     from slimgraph.compiler.driver import CompileOptions, compile_model
@@ -131,4 +134,4 @@ def test_one_token_int4_mlp_matches_its_ir_on_the_gpu(tmp_path):
     from slimgraph.models.kernels import two_layer_mlp
 
     options = CompileOptions(target="cuda", fp16=True, recipe=recipe_from_flags(quantize="int4"))
-    assert artifact_cosine_against_its_ir(compile_model(two_layer_mlp(), tmp_path / "cuda", options)) >= 0.999
+    assert artifact_cosine_against_its_ir(compile_model(two_layer_mlp(norm=norm), tmp_path / "cuda", options)) >= 0.999

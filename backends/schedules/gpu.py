@@ -6,7 +6,8 @@ GPU schedule from TVM's DLight rules, tried in this order:
 
 * ``RowGEMV`` (slimgraph's, :mod:`.gpu_row_gemv`): one-token products over quantized words
   stored K-contiguous per output, one warp per output with 8-byte loads; such products are
-  lowered with the group scale factored out (:mod:`.gpu_factored_gemv`, three instructions a weight);
+  lowered with the group scale factored out (:mod:`.gpu_factored_gemv`, three instructions a weight),
+  an RMS norm that only such a product reads computed in its kernel (:mod:`.gpu_norm_prologue`);
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
@@ -41,6 +42,7 @@ from tvm.target import Target
 
 from slimgraph.backends.schedules.gpu_dequantize import codes_through_bits_pass, weights_in_float32_pass
 from slimgraph.backends.schedules.gpu_factored_gemv import factor_row_products_pass
+from slimgraph.backends.schedules.gpu_norm_prologue import merge_norms_into_row_products_pass
 from slimgraph.backends.schedules.gpu_gemv import ColumnGEMV
 from slimgraph.backends.schedules.gpu_row_chain import RowChain
 from slimgraph.backends.schedules.gpu_row_gemv import RowGEMV
@@ -152,8 +154,9 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
 def lowering_passes(target: Target, *, factored_rows: bool = True) -> list:
     """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts).
     ``factored_rows`` False keeps one-token products over transposed words in the dequantize form
-    (benchmarks compare the two)."""
+    and their RMS norms in kernels of their own (benchmarks compare the two)."""
     return cuda_pipeline.library_dispatch_passes(target) + [
+        *([merge_norms_into_row_products_pass()] if factored_rows else []),
         weights_in_float32_pass(),
         *([factor_row_products_pass()] if factored_rows else []),
         codes_through_bits_pass(),

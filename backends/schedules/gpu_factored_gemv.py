@@ -100,6 +100,30 @@ def _transposed_words(rewriter, words) -> bool:
     return axes is not None and [int(a) for a in axes][:2] == [1, 0]
 
 
+def factorable_product(rewriter, call, *, float16_activation: bool = False):
+    """``(fields, bits, group, words_per_chunk)`` of a one-row ``matmul(x, dequantize(fields))`` in
+    float32 over transposed words with whole chunks, else None. ``rewriter`` looks up bindings
+    (``lookup_binding``, ``mod_``); ``float16_activation`` also takes the float16 form that
+    ``weights_in_float32_pass`` turns into float32 (float16 x and weights, float32 sums)."""
+    if call.op != tvm.ir.Op.get("relax.matmul") or str(call.attrs.out_dtype) not in ("void", "float32"):
+        return None
+    dtype = call.args[0].ty.dtype if float16_activation else "float32"
+    if dtype not in ("float32", "float16") or not one_row(call.args[0].ty, dtype) or call.args[1].ty.dtype != dtype:
+        return None
+    if dtype == "float16" and str(call.attrs.out_dtype) != "float32":   # weights_in_float32 leaves it alone
+        return None
+    found = producer_spec(rewriter, call.args[1], DEQUANTIZE_ATTR)
+    if found is None:
+        return None
+    fields, spec = found[0].args[1].fields, found[1]
+    bits, group = int(spec["bits"]), int(spec["group_size"])
+    rows = int(call.args[1].ty.shape.values[0])
+    words_per_chunk = chunk_words(rows, group, bits) if HALF_BITS % bits == 0 else None
+    if words_per_chunk is None or not _transposed_words(rewriter, fields[0]):
+        return None
+    return fields, bits, group, words_per_chunk
+
+
 @relax.expr_functor.mutator
 class _RowFactorer(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
@@ -107,22 +131,10 @@ class _RowFactorer(relax.PyExprMutator):
         self.mod_ = mod
 
     def visit_call_(self, call):
-        factored = self._factored(call)
-        return factored if factored is not None else super().visit_call_(call)
-
-    def _factored(self, call):
-        if (call.op != tvm.ir.Op.get("relax.matmul") or not one_row(call.args[0].ty)
-                or call.args[1].ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("void", "float32")):
-            return None
-        found = producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
+        found = factorable_product(self, call)
         if found is None:
-            return None
-        fields, spec = found[0].args[1].fields, found[1]
-        bits, group = int(spec["bits"]), int(spec["group_size"])
-        rows = int(call.args[1].ty.shape.values[0])
-        words_per_chunk = chunk_words(rows, group, bits) if HALF_BITS % bits == 0 else None
-        if words_per_chunk is None or not _transposed_words(self, fields[0]):
-            return None
+            return super().visit_call_(call)
+        fields, bits, group, words_per_chunk = found
         return self.builder_.call_te(factored_row_product, call.args[0], *fields, bits=bits, group=group,
                                      words_per_chunk=words_per_chunk, primfunc_name_hint="factored_row_gemv")
 

@@ -51,10 +51,12 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr, normalize_prim_func
+from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 from tvm.s_tir.dlight.analysis.gemv import is_gemv
-from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 from tvm.target import Target
+
+from slimgraph.backends.schedules.gpu_blocks import (VECTOR_BYTES, activation_reads, product_blocks,
+                                                       stage_in_shared, static_extent, weight_reads)
 
 # column threads
 THREADS_X = (32, 16, 8)  # outputs per block, widest first: 8 words of a row are one 32-byte sector
@@ -64,7 +66,6 @@ MIN_ROWS_PER_THREAD = 4  # loaded elements each thread sums before the cross-thr
 # vector lanes
 VECTOR_MIN_OUTPUTS = 4096          # packed products this wide take the vector lanes ...
 VECTOR_MAX_ROWS = 1024             # ... and so do those with this few rows
-VECTOR_BYTES = 16                  # the widest load of one thread (ld.global.v4)
 WIDE_VECTOR_THREADS = 1 << 17      # 16-byte loads once N / V x R reaches this many threads, else 8-byte
 LANES = (32, 16, 8, 4, 2, 1)       # lanes splitting K, widest first (the largest that divides the packed rows)
 THREADS_PER_BLOCK = 128            # TY groups x R lanes (at most 8 groups)
@@ -84,17 +85,6 @@ class GemvPlan:
     vector: int           # V: outputs per thread (one vector load per row)
     lanes: int            # R: lanes splitting K (threadIdx.x)
     groups: int           # TY: thread groups splitting N (threadIdx.y)
-
-
-def static_extent(extent) -> int | None:
-    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
-
-
-def weight_reads(block: s_tir.SBlock, n_var: tirx.Var) -> list[int]:
-    """Indices (in ``block.reads``) of the reads that depend on the output ``n``: the weight, its
-    scales and zero points."""
-    return [i for i, read in enumerate(block.reads)
-            if any(n_var in collect_vars_used_in_prim_expr(axis.min) for axis in read.region)]
 
 
 def _rows_per_word(block: s_tir.SBlock, k_var: tirx.Var) -> int:
@@ -139,22 +129,6 @@ def plan_vector_lanes(shape: GemvShape) -> GemvPlan | None:
     return GemvPlan(vector, lanes, groups)
 
 
-def product_blocks(func: tirx.PrimFunc, target: Target, *, keep: str | None = None):
-    """(schedule, [product block, epilogue block if any]) of a CUDA kernel whose spatial prologue
-    inlines into one reduction followed by at most one injective block; None for other kernels.
-    Blocks annotated ``keep`` stay blocks of their own (stages the rule places itself)."""
-    if target.kind.name != "cuda":
-        return None
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is not None and keep is not None:
-        infos = [info for info in infos if keep not in sch.get(info.block_rv).annotations]
-    infos = try_inline_contiguous_spatial(sch, infos)
-    if infos is None or len(infos) not in (1, 2) or (len(infos) == 2 and not infos[1].is_injective()):
-        return None
-    return sch, infos
-
-
 SCHEDULES = ("vector-lanes", "column-threads")
 
 
@@ -174,7 +148,7 @@ class ColumnGEMV:
         blocks = product_blocks(func, target)
         if blocks is None:
             return None
-        sch, infos = blocks
+        sch, infos = blocks.sch, blocks.infos
         shape = self.gemv_shape(sch, infos[0])
         if shape is None:
             return None
@@ -246,27 +220,6 @@ def _schedule_vector_lanes(sch: s_tir.Schedule, main, epilogue, shape: GemvShape
     if epilogue is not None:
         sch.set_scope(block, 0, "local")
         sch.reverse_compute_at(epilogue, sum_group, preserve_unit_loops=True)
-
-
-def activation_reads(sch: s_tir.Schedule, partial, weights: list) -> list[int]:
-    """Indices of the reads of ``partial`` that are neither ``weights`` buffers nor its own output
-    (taken before any read is cached, which renames the cached reads)."""
-    skipped = [*weights, *(write.source for write in sch.get(partial).writes)]
-    return [i for i, read in enumerate(sch.get(partial).reads) if not any(read.source.same_as(b) for b in skipped)]
-
-
-def stage_in_shared(sch: s_tir.Schedule, partial, indices: list[int], bx, threads_y: int, threads_x: int) -> None:
-    """Copy the reads ``indices`` of ``partial`` (activations: all of their K values) to shared
-    memory once per block (loop ``bx``), 16 bytes per thread and step over ``threads_y`` x
-    ``threads_x`` threads."""
-    for index in indices:
-        cache = sch.cache_read(partial, index, "shared")
-        sch.compute_at(cache, bx, preserve_unit_loops=True)
-        lanes = VECTOR_BYTES // (tvm.DataType(sch.get(cache).writes[0].source.dtype).bits // 8)
-        _, group, lane, vec = sch.split(sch.fuse(*sch.get_loops(cache)[1:]), [None, threads_y, threads_x, lanes])
-        sch.bind(group, "threadIdx.y")
-        sch.bind(lane, "threadIdx.x")
-        sch.vectorize(vec)
 
 
 def _schedule_column_threads(sch: s_tir.Schedule, main, epilogue, shape: GemvShape) -> bool:

@@ -33,7 +33,10 @@ codes; their activation stages (``xq``, ``xs``, annotated ``ROW_STAGE``) are not
 once per block into shared memory by all its threads, ``xq`` lane-interleaved (lane ``l``'s
 values of a step in runs of 4 floats at stride ``32 x 4``, so a warp's 16-byte reads hit every
 bank once); each lane copies its step's values to registers with 16-byte reads. A chunk is one
-lane load, so the plan's vector is 1.
+lane load, so the plan's vector is 1. A reduction of the row to one value before the stages (the
+sum of squares of an RMS norm merged in by ``gpu_norm_prologue``) is computed by every block too:
+each thread sums every ``32 W``-th value, then one block-wide sum (warp shuffles, the warps' sums
+through shared memory) leaves the total to all threads.
 
 ``RowGEMV(plan)`` fixes the plan (benchmarks compare them); without one, ``plan_rows`` takes the
 widest load that divides the row into whole lane steps and ``WARPS`` warps per block.
@@ -47,8 +50,8 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from slimgraph.backends.schedules.gpu_factored_gemv import ROW_STAGE
-from slimgraph.backends.schedules.gpu_gemv import (activation_reads, product_blocks, stage_in_shared,
-                                                     static_extent, weight_reads)
+from slimgraph.backends.schedules.gpu_blocks import (activation_reads, product_blocks, stage_in_shared,
+                                                       static_extent, weight_reads)
 
 LANES = 32           # a warp: the lanes splitting K
 VECTORS = (2, 1)     # words per lane and step (8-, 4-byte loads), widest first; 16-byte loads measured slower
@@ -105,10 +108,10 @@ class RowGEMV:
         self.plan = plan
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        blocks = product_blocks(func, target, keep=ROW_STAGE)
-        if blocks is None:
+        blocks = product_blocks(func, target, keep=ROW_STAGE, row_reductions=True)
+        if blocks is None or (blocks.row_reductions and not _stage_blocks(blocks.sch)):
             return None
-        sch, infos = blocks
+        sch, infos = blocks.sch, blocks.infos
         found = self.row_shape(sch, infos[0])
         if found is None:
             return None
@@ -119,6 +122,8 @@ class RowGEMV:
         if plan is None or shape.words % (LANES * plan.vector) or shape.outputs % plan.warps:
             return None
         _schedule_rows(sch, infos[0], infos[1].block_rv if len(infos) == 2 else None, plan, shape, words_read)
+        for reduction in blocks.row_reductions:
+            _reduce_in_block(sch, reduction.block_rv, plan)
         return sch
 
     @staticmethod
@@ -223,3 +228,17 @@ def _place_stages(sch: s_tir.Schedule, stages, partial, step, bx, plan: RowPlan,
         cache = sch.cache_read(partial, index, "local")
         sch.compute_at(cache, step, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(cache)[-1])
+
+
+def _reduce_in_block(sch: s_tir.Schedule, block, plan: RowPlan) -> None:
+    """A reduction of the whole row to one value (an RMS norm's sum of squares), computed by every
+    thread block before its stages: each of its ``32 W`` threads sums every ``32 W``-th value, then
+    one block-wide sum leaves the total in every thread's registers."""
+    bx = sch.get_loops(_stage_blocks(sch)[0][0])[0]
+    sch.compute_at(block, bx, preserve_unit_loops=True)
+    (k_loop,) = [loop for loop in sch.get_loops(block)[1:] if static_extent(sch.get(loop).extent) != 1]
+    serial, warp, lane = sch.split(k_loop, [None, plan.warps, LANES])
+    sch.reorder(warp, lane, serial)
+    sch.bind(warp, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    sch.set_scope(block, 0, "local")
