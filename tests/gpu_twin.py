@@ -1,4 +1,5 @@
-"""A GPU schedule's TIR run on the CPU: the serial twin of a scheduled CUDA kernel.
+"""A GPU schedule's TIR run on the CPU (the serial twin of a scheduled CUDA kernel), and the CUDA
+source a CUDA build makes of a kernel.
 
 Thread-bound loops become serial loops and shared or register buffers plain ones, so the twin
 computes, one thread after the other, exactly what the schedule's blocks compute (layouts,
@@ -31,3 +32,13 @@ def run_twin(scheduled: tvm.tirx.PrimFunc, inputs: list[np.ndarray], output: np.
     result = tvm.runtime.tensor(np.zeros_like(output), dev)
     serial_twin(scheduled)(*[tvm.runtime.tensor(a, dev) for a in inputs], result)
     return result.numpy()
+
+
+def scheduled_cuda(func: tvm.tirx.PrimFunc, target) -> tuple:
+    """(scheduled kernel, the rule that scheduled it, its CUDA source) under the default GPU rules."""
+    from slimgraph.backends.schedules import gpu
+
+    with target:
+        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
+        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
+    return scheduled, rule, (built.imports[0] if built.imports else built).inspect_source()

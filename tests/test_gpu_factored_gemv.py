@@ -84,15 +84,14 @@ def test_row_gemv_stages_the_factored_activations_in_shared_memory(rows, outputs
     """RowGEMV computes xq and xs once per block in shared memory, reads xq four floats at a time
     from lane-interleaved runs into a few registers, and converts no code with an integer-to-float
     conversion."""
+    from gpu_twin import scheduled_cuda
+
     from slimgraph.backends.schedules import gpu
     from slimgraph.models.kernels import int4_product
 
     target = _cuda()
     (func,) = gpu.lowered_kernels(int4_product(rows, outputs, transposed=True, residual=residual), target)
-    with target:
-        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
-        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
-    source = (built.imports[0] if built.imports else built).inspect_source()
+    _, rule, source = scheduled_cuda(func, target)
     assert rule == "RowGEMV"
     assert "__shared__ alignas(64) float4 xq_shared_ptr" in source and "__shared__ alignas(64) float xs_shared_ptr" in source
     # lane l reads float4 number l (+ a multiple of the warp's run): consecutive lanes, consecutive banks

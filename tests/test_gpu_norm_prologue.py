@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 
 from slimgraph.backends.schedules.gpu_factored_gemv import ROW_STAGE
 from slimgraph.backends.targets import resolve_target
@@ -89,17 +88,12 @@ def test_row_gemv_sums_the_norm_in_every_block_and_computes_the_normed_product(r
     """The merged kernel takes RowGEMV: one block-wide sum of squares (warp shuffles, then the
     warps' sums through shared memory) before the stages; run as its serial twin on the CPU it
     gives the product of the float16-rounded norm."""
-    from gpu_twin import run_twin
+    from gpu_twin import run_twin, scheduled_cuda
 
-    from slimgraph.backends.schedules import gpu
     from slimgraph.models.kernels import int4_product
 
-    target = _cuda()
-    (func,) = gpu.lowered_kernels(int4_product(rows, outputs, transposed=True, norm=True), target)
-    with target:
-        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
-        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
-    source = (built.imports[0] if built.imports else built).inspect_source()
+    (func,) = _kernels(int4_product(rows, outputs, transposed=True, norm=True))
+    scheduled, rule, source = scheduled_cuda(func, _cuda())
     assert rule == "RowGEMV"
     assert source.count("__global__ void") == 2 and source.count("red_buf_staging") >= 1 and "rsqrtf" in source
     inputs, reference = _normed_product(rows, outputs, rows)

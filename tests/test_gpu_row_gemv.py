@@ -55,15 +55,12 @@ def test_row_gemv_loads_vectors_of_words_and_sums_lanes_with_shuffles(rows, outp
     """Each lane loads two words of its row at once (8 bytes) per step, the
     activation row is staged in shared memory, the 32 lanes' sums meet through warp shuffles, and the
     residual add of the epilogue is computed in the same kernel."""
-    import tvm
+    from gpu_twin import scheduled_cuda
 
     from slimgraph.backends.schedules import gpu
 
     func, target = _product(rows, outputs, transposed=True, residual=True)
-    with target:
-        scheduled, rule = gpu.schedule_prim_func(func, target, gpu.default_rules())
-        built = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "gemv")}), target=target)
-    source = (built.imports[0] if built.imports else built).inspect_source()
+    scheduled, rule, source = scheduled_cuda(func, target)
     assert rule == "RowGEMV"
     assert "*(uint2*)(p0_local" in source and "__shared__" in source
     assert "__shfl_down_sync" in source

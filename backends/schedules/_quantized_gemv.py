@@ -86,6 +86,29 @@ def one_row(ty, dtype: str = "float32") -> bool:
     return all(d == 1 for d in dims)
 
 
+def is_primitive(func) -> bool:
+    """A Relax function that ``FuseTIR`` makes one kernel (slimgraph's fused functions)."""
+    return isinstance(func, relax.Function) and func.attrs is not None and bool(func.attrs.get("Primitive", False))
+
+
+def rewrite_primitives(mod: tvm.IRModule, rewriter: relax.PyExprMutator) -> tvm.IRModule:
+    """``mod`` with every Primitive function visited by ``rewriter`` (built on ``mod``), the bindings
+    it leaves unused removed."""
+    for gvar, func in list(mod.functions_items()):
+        if is_primitive(func):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+def dequantized_weight(rewriter, value):
+    """``(fields, bits, group)`` of the dequantize producing ``value`` (its words, scales and zero
+    points, its bits and group size), else None."""
+    found = producer_spec(rewriter, value, DEQUANTIZE_ATTR)
+    if found is None:
+        return None
+    return found[0].args[1].fields, int(found[1]["bits"]), int(found[1]["group_size"])
+
+
 def producer_spec(factorer, value, attr: str):
     """(the call_tir producing ``value``, its PrimFunc's ``attr``) -- or None when another op made it."""
     producer = factorer.lookup_binding(value) if isinstance(value, relax.Var) else None
@@ -110,11 +133,10 @@ class _Factorer(relax.PyExprMutator):
     def _factored(self, call):
         if call.op != tvm.ir.Op.get("relax.matmul") or not one_row(call.args[0].ty):
             return None
-        weight = producer_spec(self, call.args[1], DEQUANTIZE_ATTR)
+        weight = dequantized_weight(self, call.args[1])
         if weight is None:
             return None
-        fields, spec = weight[0].args[1].fields, weight[1]
-        bits, group = int(spec["bits"]), int(spec["group_size"])
+        fields, bits, group = weight
         rows, columns = (int(d) for d in call.args[1].ty.shape.values)
         quantized = producer_spec(self, call.args[0], _integer_gemv.DYNAMIC_QUANTIZE_ATTR) if self.integer_dot else None
         if quantized is not None and _integer_gemv.supports(bits, group, rows, columns, int(quantized[1]["block"])):
@@ -132,11 +154,7 @@ def factor_quantized_gemv(integer_dot: bool) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphFactorQuantizedGEMV")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        factorer = _Factorer(mod, integer_dot)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
-                factorer.builder_.update_func(gvar, factorer.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(factorer.builder_.get())
+        return rewrite_primitives(mod, _Factorer(mod, integer_dot))
 
     return _pass
 

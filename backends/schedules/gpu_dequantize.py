@@ -35,7 +35,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from slimgraph.backends.relax_ops import call_dequantize, dequantize_compute
-from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, one_row, producer_spec
+from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, one_row, producer_spec, rewrite_primitives
 
 
 def is_dequantize(func) -> bool:
@@ -104,10 +104,6 @@ def weights_in_float32_pass() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphWeightsInFloat32")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _WeightsInFloat32(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewrite_primitives(mod, _WeightsInFloat32(mod))
 
     return _pass

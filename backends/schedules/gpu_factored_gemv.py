@@ -40,7 +40,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from slimgraph.backends.relax_ops import FLOAT_MAGIC, FLOAT_MAGIC_BITS
-from slimgraph.backends.schedules._quantized_gemv import DEQUANTIZE_ATTR, one_row, producer_spec, zero_point
+from slimgraph.backends.schedules._quantized_gemv import dequantized_weight, one_row, rewrite_primitives, zero_point
 
 ROW_STAGE = "slimgraph.row_stage"   # block annotation of the per-block activation stages: "codes" / "sums"
 HALF_BITS = 16                      # codes are unpacked from one 16-bit half of a word at a time
@@ -112,11 +112,10 @@ def factorable_product(rewriter, call, *, float16_activation: bool = False):
         return None
     if dtype == "float16" and str(call.attrs.out_dtype) != "float32":   # weights_in_float32 leaves it alone
         return None
-    found = producer_spec(rewriter, call.args[1], DEQUANTIZE_ATTR)
-    if found is None:
+    weight = dequantized_weight(rewriter, call.args[1])
+    if weight is None:
         return None
-    fields, spec = found[0].args[1].fields, found[1]
-    bits, group = int(spec["bits"]), int(spec["group_size"])
+    fields, bits, group = weight
     rows = int(call.args[1].ty.shape.values[0])
     words_per_chunk = chunk_words(rows, group, bits) if HALF_BITS % bits == 0 else None
     if words_per_chunk is None or not _transposed_words(rewriter, fields[0]):
@@ -144,10 +143,6 @@ def factor_row_products_pass() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphFactorRowProducts")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _RowFactorer(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Primitive", False):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewrite_primitives(mod, _RowFactorer(mod))
 
     return _pass

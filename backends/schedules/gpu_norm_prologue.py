@@ -24,15 +24,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from slimgraph.backends.schedules._quantized_gemv import is_primitive
 from slimgraph.backends.schedules.gpu_factored_gemv import factorable_product
 
 
 def _primitive(mod: tvm.IRModule, expr) -> relax.Function | None:
+    """The Primitive function a call's operator ``expr`` names, else None."""
     if not isinstance(expr, relax.GlobalVar) or expr not in mod:
         return None
-    func = mod[expr]
-    return func if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get(
-        "Primitive", False) else None
+    return mod[expr] if is_primitive(mod[expr]) else None
 
 
 def _single_block(func: relax.Function) -> relax.DataflowBlock | None:
@@ -141,7 +141,7 @@ def merge_norms_into_row_products_pass() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SlimgraphMergeNormsIntoRowProducts")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         entries = [(gvar, func) for gvar, func in mod.functions_items()
-                   if isinstance(func, relax.Function) and not (func.attrs is not None and func.attrs.get("Primitive", False))]
+                   if isinstance(func, relax.Function) and not is_primitive(func)]
         merger = None
         for gvar, func in entries:
             merger = _NormMerger(mod, _use_counts(func))
