@@ -41,10 +41,12 @@ def _single_block(func: relax.Function) -> relax.DataflowBlock | None:
 
 
 def _is_rms_norm(func: relax.Function) -> bool:
-    """A function of one dataflow block computing an RMS norm (with casts around it)."""
+    """A function of one dataflow block computing an RMS norm (with casts around it), returning one
+    tensor."""
     block = _single_block(func)
     rms = tvm.ir.Op.get("relax.nn.rms_norm")
-    return block is not None and any(isinstance(b.value, relax.Call) and b.value.op == rms for b in block.bindings)
+    return (block is not None and isinstance(func.body.body, relax.Var)
+            and any(isinstance(b.value, relax.Call) and b.value.op == rms for b in block.bindings))
 
 
 class _Bindings:
