@@ -45,9 +45,9 @@ L2_ROTATION_BYTES = 160e6
 
 
 def _product(rows: int, outputs: int, transposed: bool = False, factored: bool = False):
-    """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as CUDA lowers it;
-    ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``' chain;
-    ``factored``: lowered as a build lowers it, the factored kernel wherever it applies."""
+    """The fused one-token kernel ``cast(matmul(x, dequantize(words, scales, zeros)))`` as a CUDA build
+    lowers it; ``transposed``: the words are a [N, K / 8, 1] weight read back through ``pack_weights``'
+    chain; ``factored``: the factored kernel of ``gpu_factored_gemv`` wherever it applies."""
     from slimgraph.backends.schedules import gpu
     from slimgraph.backends.targets import resolve_target
     from slimgraph.models.kernels import int4_product
@@ -117,8 +117,8 @@ def prepare(_args) -> None:
                 for name, warps in FACTORED_PLANS.items():
                     plan = RowPlan(1, warps) if warps else None
                     kernels[name] = gpu.schedule_prim_func(built, target, [RowGEMV(plan)])[0]
-            if reads_words_transposed(rows, outputs):
-                default, rule = gpu.schedule_prim_func(built, target, gpu.default_rules())
+            if reads_words_transposed(rows, outputs):   # a build lowers the dequantize form
+                default, rule = gpu.schedule_prim_func(transposed, target, gpu.default_rules())
                 chosen = next(n for n, k in kernels.items() if reads_transposed(n) and k.script() == default.script())
             symbols = {name: name.replace("-", "_") for name in kernels}
             library = tvm.tirx.build(tvm.IRModule({symbols[n]: k.with_attr("global_symbol", symbols[n])

@@ -68,13 +68,13 @@ def _stages(func) -> dict:
     (2048, False, False),    # words stored [K / 8, N]: the column schedules read the dequantize form
     (576, True, False),      # 72 words: no whole warp step
 ])
-def test_cuda_lowering_factors_one_token_products_over_transposed_words(rows, transposed, factored):
+def test_cuda_lowering_factors_one_token_products_over_transposed_words_where_asked(rows, transposed, factored):
     from slimgraph.backends.schedules import gpu
     from slimgraph.models.kernels import int4_product
 
-    (func,) = gpu.lowered_kernels(int4_product(rows, 256, transposed=transposed), _cuda())
+    (func,) = gpu.lowered_kernels(int4_product(rows, 256, transposed=transposed), _cuda(), factored_rows=True)
     assert (_stages(func) == {"codes": "xq", "sums": "xs"}) == factored
-    (kept,) = gpu.lowered_kernels(int4_product(rows, 256, transposed=transposed), _cuda(), factored_rows=False)
+    (kept,) = gpu.lowered_kernels(int4_product(rows, 256, transposed=transposed), _cuda())   # as builds lower it
     assert not _stages(kept)
 
 
@@ -90,7 +90,8 @@ def test_row_gemv_stages_the_factored_activations_in_shared_memory(rows, outputs
     from slimgraph.models.kernels import int4_product
 
     target = _cuda()
-    (func,) = gpu.lowered_kernels(int4_product(rows, outputs, transposed=True, residual=residual), target)
+    module = int4_product(rows, outputs, transposed=True, residual=residual)
+    (func,) = gpu.lowered_kernels(module, target, factored_rows=True)
     _, rule, source = scheduled_cuda(func, target)
     assert rule == "RowGEMV"
     assert "__shared__ alignas(64) float4 xq_shared_ptr" in source and "__shared__ alignas(64) float xs_shared_ptr" in source

@@ -20,10 +20,10 @@ def _cuda():
     return resolve_target("cuda", None, gpu_arch="sm_90", fp16=True).tvm_target()
 
 
-def _kernels(module, **kwargs):
+def _kernels(module, factored_rows: bool = True):
     from slimgraph.backends.schedules import gpu
 
-    return gpu.lowered_kernels(module, _cuda(), **kwargs)
+    return gpu.lowered_kernels(module, _cuda(), factored_rows=factored_rows)
 
 
 def _norm_sums(func) -> int:

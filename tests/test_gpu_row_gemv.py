@@ -90,9 +90,9 @@ def test_row_gemv_leaves_words_stored_by_rows_and_short_rows_to_other_rules():
 @pytest.mark.parametrize("norm", [False, True])
 def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv(norm):
     """The CUDA build of a one-token int4 MLP (rows 512 and 768) stores words, scales and zero points
-    transposed, lowers both products as factored kernels (8-byte chunks for 512 rows, 4-byte for
-    768) and schedules them with RowGEMV, the residual add fused into the second; an RMS norm
-    before the first product is computed in the first product's kernel."""
+    transposed and schedules both products with RowGEMV, the residual add fused into the second;
+    lowered with ``factored_rows`` both become factored kernels (8-byte chunks for 512 rows, 4-byte
+    for 768) and an RMS norm before the first product is computed in the first product's kernel."""
     from slimgraph.backends.schedules import gpu
     from slimgraph.compiler.driver import CompileOptions, optimize
     from slimgraph.compiler.recipe import recipe_from_flags
@@ -107,8 +107,9 @@ def test_one_token_int4_mlp_build_reads_every_product_with_row_gemv(norm):
     kernels = gpu.lowered_kernels(module, target)
     with target:
         rules = sorted(gpu.schedule_prim_func(f, target, gpu.default_rules())[1] for f in kernels)
-    assert rules.count("RowGEMV") == 2 and len(kernels) == 3, rules   # + the input's cast to float16
-    assert sorted(_chunks(f) for f in kernels if _chunks(f)) == [32, 96]   # 512 / 16 and 768 / 8
+    assert rules.count("RowGEMV") == 2 and len(kernels) == 3 + norm, rules   # + the input's cast to float16
+    factored = gpu.lowered_kernels(module, target, factored_rows=True)
+    assert sorted(_chunks(f) for f in factored if _chunks(f)) == [32, 96] and len(factored) == 3   # 512 / 16, 768 / 8
 
 
 def _chunks(func) -> int | None:

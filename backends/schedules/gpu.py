@@ -5,9 +5,8 @@ through ``FuseTIR``; TVM's ``FuseOps`` and ``FoldConstant`` are not run. Every k
 GPU schedule from TVM's DLight rules, tried in this order:
 
 * ``RowGEMV`` (slimgraph's, :mod:`.gpu_row_gemv`): one-token products over quantized words
-  stored K-contiguous per output, one warp per output with 8-byte loads; such products are
-  lowered with the group scale factored out (:mod:`.gpu_factored_gemv`, three instructions a weight),
-  an RMS norm that only such a product reads computed in its kernel (:mod:`.gpu_norm_prologue`);
+  stored K-contiguous per output, one warp per output with 8-byte loads (and, where a benchmark asks
+  for them, the factored kernels of :mod:`.gpu_factored_gemv` and :mod:`.gpu_norm_prologue`);
 * ``LowBatchGEMV`` / ``GEMV``: matrix-vector products (decoding, T=1), one warp-cooperative
   reduction per output block; a fused ``dequantize`` prologue is inlined, so packed int4/int8
   words are read from memory and unpacked in registers (no float copy of the weights);
@@ -151,10 +150,11 @@ def schedule_pass(target: Target, rules: list) -> tvm.transform.Pass:
     return _pass
 
 
-def lowering_passes(target: Target, *, factored_rows: bool = True) -> list:
+def lowering_passes(target: Target, *, factored_rows: bool = False) -> list:
     """Relax -> one unscheduled TIR kernel per slimgraph-fused function (what tuning extracts).
-    ``factored_rows`` False keeps one-token products over transposed words in the dequantize form
-    and their RMS norms in kernels of their own (benchmarks compare the two)."""
+    ``factored_rows`` lowers one-token products over transposed words as factored kernels, with the
+    RMS norms only they read merged in (:mod:`.gpu_factored_gemv`); off in builds, where it measured
+    slower (its per-block prologue), kept for the benchmarks that compare the two."""
     return cuda_pipeline.library_dispatch_passes(target) + [
         *([merge_norms_into_row_products_pass()] if factored_rows else []),
         weights_in_float32_pass(),
@@ -168,7 +168,7 @@ def lowering_passes(target: Target, *, factored_rows: bool = True) -> list:
     ]
 
 
-def lowered_kernels(module, target: Target, *, factored_rows: bool = True) -> list[tirx.PrimFunc]:
+def lowered_kernels(module, target: Target, *, factored_rows: bool = False) -> list[tirx.PrimFunc]:
     """The unscheduled TIR kernels of a slimgraph module (fused, lowered as a CUDA build lowers it)."""
     from slimgraph.backends.relax_lowering import lower_to_relax
     from slimgraph.passes.fusion import fuse

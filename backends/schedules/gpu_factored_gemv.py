@@ -28,10 +28,19 @@ one shift (the high half) and two multiply-adds. Blocks of the kernel:
   per thread block into shared memory);
 * ``y[n] = sum_w ...`` as above (one reduction over the words), then the fused epilogue.
 
-``factor_row_products_pass`` (CUDA pipeline, before ops are legalized) puts this kernel in place of
-a one-row ``matmul(x, dequantize(words, scales, zeros))`` in float32 whose words are stored
-transposed (read through ``permute_dims`` and ``reshape``) with whole 32-word lane steps; the
-products of several rows keep the dequantize form (DLight's matmul schedules).
+``factor_row_products_pass`` (CUDA lowering with ``factored_rows``, before ops are legalized) puts
+this kernel in place of a one-row ``matmul(x, dequantize(words, scales, zeros))`` in float32 whose
+words are stored transposed (read through ``permute_dims`` and ``reshape``) with whole 32-word lane
+steps.
+
+**Measured slower, so builds keep the dequantize form** (H100, ``bench/results/
+stage3-cuda-2026-12-08-run3-factored``): every thread block computes ``xq`` and ``xs`` for the whole
+row before its first multiply-add, and that prologue costs more than the arithmetic it saves. The
+LM head [2048 -> 32000] took 66.9, 41.7 and 30.2 us with 2, 4 and 8 warps a block against 25.7 us
+for ``RowGEMV`` over the dequantize form; fitted to the block count (16000, 8000, 4000), about
+18.6 us plus 2.9 ns a block: the main loop is faster, the per-block stages are what lose. A factored
+kernel reading ``xq`` and ``xs`` made once, by the kernel that produces ``x``, would keep the gain;
+the pass stays for the benchmarks until then.
 """
 
 from __future__ import annotations

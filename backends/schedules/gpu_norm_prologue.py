@@ -13,10 +13,15 @@ block-wide sum) and normalize while it stages ``xq`` and ``xs``: K more multiply
 against the ``4 W K / 8`` bytes of words its ``W`` warps stream, and one kernel fewer a norm.
 The values are those of the two kernels: the norm is still rounded to float16 where it was.
 
-``merge_norms_into_row_products_pass`` (CUDA pipeline, first of the lowering passes) merges the
-Relax function of such a norm into the function of the product that is its only reader, where the
-product is one the factored kernel will take (``factorable_product``); ``RowGEMV`` schedules the
-norm's sum of squares as a block-wide reduction before the stages.
+``merge_norms_into_row_products_pass`` (CUDA lowering with ``factored_rows``, first of the lowering
+passes) merges the Relax function of such a norm into the function of the product that is its only
+reader, where the product is one the factored kernel will take (``factorable_product``); ``RowGEMV``
+schedules the norm's sum of squares as a block-wide reduction before the stages.
+
+Measured slower (H100, ``bench/results/stage3-cuda-2026-12-08-run3-factored``): the norm adds a
+second pass over the row and two barriers to every block's prologue; the merged gate/up product of
+a 1.1B LLaMA took 24.2 us (15.8 with 8 warps a block) against 15.1 us for the factored product
+alone and 1.7 us for the norm kernel it replaces. Off unless ``factored_rows`` is asked for.
 """
 
 from __future__ import annotations

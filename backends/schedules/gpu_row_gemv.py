@@ -28,7 +28,8 @@ activation from global memory instead of the shared copy was 2.5-5x slower. In a
 one-token step the 8-byte RowGEMV took the step from 0.837 to 0.795 ms, and its scales stored
 transposed to 0.747 ms (``bench/results/stage3-cuda-2026-12-08-run2-row-v2-scales``).
 
-**Factored kernels** (``gpu_factored_gemv``) reduce over chunks of one or two words instead of
+**Factored kernels** (``gpu_factored_gemv``, built only where asked for: measured slower) reduce
+over chunks of one or two words instead of
 codes; their activation stages (``xq``, ``xs``, annotated ``ROW_STAGE``) are not inlined but computed
 once per block into shared memory by all its threads, ``xq`` lane-interleaved (lane ``l``'s
 values of a step in runs of 4 floats at stride ``32 x 4``, so a warp's 16-byte reads hit every
