@@ -149,13 +149,12 @@ def merge_norms_into_row_products_pass() -> tvm.transform.Pass:
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         entries = [(gvar, func) for gvar, func in mod.functions_items()
                    if isinstance(func, relax.Function) and not is_primitive(func)]
-        merger = None
+        if not entries:
+            return mod
         for gvar, func in entries:
             merger = _NormMerger(mod, _use_counts(func))
             merger.builder_.update_func(gvar, merger.visit_expr(func))
             mod = merger.builder_.get()
-        if merger is None:
-            return mod
         return relax.transform.DeadCodeElimination()(mod)
 
     return _pass

@@ -29,12 +29,11 @@ one-token step the 8-byte RowGEMV took the step from 0.837 to 0.795 ms, and its 
 transposed to 0.747 ms (``bench/results/stage3-cuda-2026-12-08-run2-row-v2-scales``).
 
 **Factored kernels** (``gpu_factored_gemv``, built only where asked for: measured slower) reduce
-over chunks of one or two words instead of
-codes; their activation stages (``xq``, ``xs``, annotated ``ROW_STAGE``) are not inlined but computed
-once per block into shared memory by all its threads, ``xq`` lane-interleaved (lane ``l``'s
-values of a step in runs of 4 floats at stride ``32 x 4``, so a warp's 16-byte reads hit every
-bank once); each lane copies its step's values to registers with 16-byte reads. A chunk is one
-lane load, so the plan's vector is 1. A reduction of the row to one value before the stages (the
+over chunks of one or two words instead of codes; their activation stages (``xq``, ``xs``, annotated
+``ROW_STAGE``) are not inlined but computed once per block into shared memory by all its threads,
+``xq`` stored ``[C / 4, chunks, 4]`` (consecutive lanes read consecutive chunks' runs of 4 floats, so a
+warp's 16-byte reads hit every bank once); each lane copies its step's values to registers with
+16-byte reads. A chunk is one lane load, so the plan's vector is 1. A reduction of the row to one value before the stages (the
 sum of squares of an RMS norm merged in by ``gpu_norm_prologue``) is computed by every block too:
 each thread sums every ``32 W``-th value, then one block-wide sum (warp shuffles, the warps' sums
 through shared memory) leaves the total to all threads.
@@ -110,7 +109,8 @@ class RowGEMV:
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         blocks = product_blocks(func, target, keep=ROW_STAGE, row_reductions=True)
-        if blocks is None or (blocks.row_reductions and not _stage_blocks(blocks.sch)):
+        factored = blocks is not None and bool(_stage_blocks(blocks.sch))
+        if blocks is None or (blocks.row_reductions and not factored):
             return None
         sch, infos = blocks.sch, blocks.infos
         found = self.row_shape(sch, infos[0])
@@ -118,7 +118,7 @@ class RowGEMV:
             return None
         shape, words_read = found
         plan = self.plan or plan_rows(shape)
-        if plan is not None and _stage_blocks(sch):   # factored: a chunk's words are one load already
+        if plan is not None and factored:   # a chunk's words are one load already
             plan = RowPlan(1, plan.warps, plan.shared_activation)
         if plan is None or shape.words % (LANES * plan.vector) or shape.outputs % plan.warps:
             return None
@@ -190,7 +190,6 @@ def _schedule_rows(sch: s_tir.Schedule, main, epilogue, plan: RowPlan, shape: Ro
         sch.set_scope(block, 0, "local")
         sch.reverse_compute_at(epilogue, bx, preserve_unit_loops=True)
         sch.bind(sch.get_loops(epilogue)[-1], "threadIdx.y")
-
 
 
 def _stage_blocks(sch: s_tir.Schedule) -> list[tuple[s_tir.SBlockRV, str]]:
